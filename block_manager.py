@@ -1,0 +1,623 @@
+"""The block-swap engine: stream chosen WAN blocks from host RAM into a small ring of device slots.
+
+Pure torch; importable without ComfyUI. Data path, per streamed unit (a main block, a VACE block, an
+embedding):
+
+* **Host master.** At setup every parameter of the unit is packed into one flat ``uint8`` buffer on the
+  offload device (pinned with ``cudaHostRegister`` at its exact size when copies go to a CUDA device,
+  pageable when pinning fails or would exceed the pin budget). Each parameter is then rebound to a view
+  of that buffer with ``param.data = view``: the Parameter object, its Python type (quantized tensor
+  subclasses) and its attributes survive, and the original storage is released.
+* **Device ring.** ``K`` flat device buffers ("slots"), each as large as the largest unit. Bringing a unit
+  in is one contiguous copy master -> slot, then rebinding its parameters to views of the slot.
+  Weights never change during inference, so eviction is rebinding back to the host views: nothing is
+  ever copied device -> host.
+* **Streams and events (CUDA).** Copies run on a dedicated stream. The compute stream waits on the
+  slot's copy-done event before the unit runs; a copy into a slot waits on the event recorded after the
+  slot's last use. No device-wide synchronize and no host wait in the steady state.
+* **Schedule.** While a unit computes, the next ``prefetch`` units of the expected order are copied. The
+  order is learned from the previous forward (VACE blocks run interleaved and possibly several times),
+  and wraps around, so the end of one forward preloads the first streamed units of the next one (CFG
+  runs two forwards a step). A unit still in a slot from an earlier forward is reused without a copy.
+
+On CPU (``offload_device == compute_device``) the same pack/copy/rebind path runs synchronously, which
+is how the engine is tested on machines without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+from .config import BlockSwapError, SwapPlan, SwapSettings, detect_layout, plan_swap, tensor_bytes
+from .utils import as_device, format_bytes, get_logger, host_available_bytes
+
+log = get_logger("engine")
+
+ALIGN = 256  # bytes; keeps every view aligned for any dtype and for vectorised kernels
+MAX_PENDING_TIMINGS = 4096  # CUDA timing events waiting to be read; older ones are dropped
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _dense_stride(size: Sequence[int], stride: Sequence[int]) -> Optional[Tuple[int, ...]]:
+    """``stride`` if a tensor of ``size`` with it covers its memory exactly once, else None."""
+    expected = 1
+    for sz, st in sorted(zip(size, stride), key=lambda p: p[1]):
+        if sz == 1:
+            continue
+        if st != expected:
+            return None
+        expected *= sz
+    return tuple(stride)
+
+
+@dataclass
+class _Entry:
+    """One parameter of a unit and where it sits in the unit's flat buffers."""
+
+    param: torch.Tensor  # the Parameter object itself; its identity is preserved
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    size: Tuple[int, ...]
+    stride: Optional[Tuple[int, ...]]  # original layout, restored at teardown when dense
+    device: torch.device  # where it lived before setup
+
+
+class _Unit:
+    """A module whose parameters stream together."""
+
+    def __init__(self, index: int, name: str, module: nn.Module):
+        self.index = index
+        self.name = name
+        self.module = module
+        self.entries: List[_Entry] = []
+        self.nbytes = 0
+        self.master: Optional[torch.Tensor] = None
+        self.pinned = False
+        self.host_views: List[torch.Tensor] = []
+        self.slot_views: Dict[int, List[torch.Tensor]] = {}
+        self.slot: Optional[int] = None  # slot holding a copy of this unit's weights
+        self.bound = False  # parameters currently point into ``slot``
+        self.used_since_copy = False  # the slot's copy already served a run: a reuse, not a prefetch
+
+
+@dataclass
+class BlockSwapTracker:
+    """Per-model record of the swap plan and its live state. Debug output, readouts and tests read it."""
+
+    units: Tuple[str, ...] = ()
+    resident_blocks: Tuple[int, ...] = ()
+    slots: int = 0
+    slot_bytes: int = 0
+    location: Dict[str, str] = field(default_factory=dict)  # unit -> "host" | "slot<k>"
+    slot_owner: List[Optional[str]] = field(default_factory=list)
+    host_bytes: int = 0
+    pinned_bytes: int = 0
+    pageable_reason: str = ""
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0  # steady state; stays 0 by construction
+    setup_d2h_bytes: int = 0  # one-time, only when swapped weights were on the device at setup
+    copies: int = 0
+    prefetch_hits: int = 0  # unit's weights were in a slot (and, on CUDA, copied) before it ran
+    stalls: int = 0  # compute had to wait for (or issue) the unit's copy
+    slot_reuses: int = 0  # unit still in a slot from an earlier use: no copy at all
+    forwards: int = 0
+    schedule_updates: int = 0
+    max_bound_units: int = 0
+    hook_seconds: float = 0.0  # host time inside the engine's per-unit hooks, copies included
+    copy_seconds: float = 0.0  # host time spent in synchronous copies (CPU path)
+    copy_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events / host clock)
+    stall_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events)
+    timings_dropped: int = 0
+
+    def reset_counters(self) -> None:
+        """Zero the per-run counters; the plan and the live state stay."""
+        for name in ("h2d_bytes", "d2h_bytes", "copies", "prefetch_hits", "stalls", "slot_reuses",
+                     "forwards", "schedule_updates", "max_bound_units", "timings_dropped"):
+            setattr(self, name, 0)
+        self.hook_seconds = self.copy_seconds = 0.0
+        self.copy_ms.clear()
+        self.stall_ms.clear()
+
+    def summary(self) -> Dict[str, object]:
+        return {
+            "streamed_units": len(self.units),
+            "resident_blocks": len(self.resident_blocks),
+            "slots": self.slots,
+            "slot_bytes": self.slot_bytes,
+            "host_bytes": self.host_bytes,
+            "pinned_bytes": self.pinned_bytes,
+            "h2d_bytes": self.h2d_bytes,
+            "d2h_bytes": self.d2h_bytes,
+            "copies": self.copies,
+            "prefetch_hits": self.prefetch_hits,
+            "stalls": self.stalls,
+            "slot_reuses": self.slot_reuses,
+            "forwards": self.forwards,
+            "copy_ms": round(sum(self.copy_ms.values()), 3),
+            "stall_ms": round(sum(self.stall_ms.values()), 3),
+        }
+
+    def format_summary(self) -> str:
+        s = self.summary()
+        per_fwd = s["h2d_bytes"] / max(1, s["forwards"])
+        text = (f"{s['streamed_units']} units streamed, {s['resident_blocks']} blocks resident, "
+                f"ring {s['slots']} x {format_bytes(s['slot_bytes'])}; "
+                f"{s['forwards']} forwards, {s['copies']} copies, {format_bytes(s['h2d_bytes'])} H2D "
+                f"({format_bytes(per_fwd)}/forward), D2H {format_bytes(s['d2h_bytes'])}; "
+                f"prefetch hits {s['prefetch_hits']}, stalls {s['stalls']}, reuses {s['slot_reuses']}; "
+                f"host masters {format_bytes(s['host_bytes'])} ({format_bytes(s['pinned_bytes'])} pinned)")
+        if self.copy_ms or self.stall_ms:
+            text += f"; copy {s['copy_ms']:.1f} ms, stall {s['stall_ms']:.1f} ms"
+        return text
+
+
+class BlockSwapEngine:
+    """Streams the units of a :class:`SwapPlan` through a ring of device slots.
+
+    Typical pure-torch use::
+
+        engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=20), "cuda")
+        engine.setup()                 # pack host masters, allocate the ring, install hooks
+        place_resident(model, engine.plan, "cuda")
+        out = model(...)               # hooks stream the swapped blocks
+        engine.teardown()              # parameters back where they were, same objects
+
+    Integrations that drive the schedule themselves call :meth:`begin_forward`,
+    :meth:`before_unit`, :meth:`after_unit` and :meth:`end_forward` instead of installing hooks.
+    """
+
+    def __init__(self, model: nn.Module, plan: SwapPlan, compute_device, offload_device="cpu", *,
+                 timing: bool = True, host_available: Optional[int] = None):
+        self.model = model
+        self.plan = plan
+        self.compute_device = as_device(compute_device)
+        self.offload_device = as_device(offload_device)
+        self.settings: SwapSettings = plan.settings
+        self.timing = timing
+        self._host_available = host_available  # tests inject a figure; None asks the OS
+        self.tracker = BlockSwapTracker(units=plan.units, resident_blocks=plan.resident_blocks,
+                                        slots=plan.slots)
+        self._units = [_Unit(i, name, model.get_submodule(name)) for i, name in enumerate(plan.units)]
+        self._index = {u.module: u.index for u in self._units}
+        self._cuda = self.compute_device.type == "cuda"
+        self._async = self._cuda and self.settings.use_non_blocking
+        self._slots: List[torch.Tensor] = []
+        self._slot_owner: List[Optional[int]] = []
+        self._slot_last_use: List[int] = []
+        self._use_counter = 0
+        self._copy_stream = None
+        self._copy_ev: List = []
+        self._free_ev: List = []
+        self._pending_timings: List[Tuple[str, str, object, object]] = []
+        self._order: List[int] = list(range(len(self._units)))
+        self._trace: List[int] = []
+        self._pos = 0
+        self._bound: Set[_Unit] = set()  # units whose parameters point into a slot right now
+        self._hooks: List = []
+        self._is_setup = False
+
+    @classmethod
+    def from_settings(cls, model: nn.Module, settings: SwapSettings, compute_device,
+                      offload_device="cpu", **kwargs) -> "BlockSwapEngine":
+        return cls(model, plan_swap(detect_layout(model), settings), compute_device,
+                   offload_device, **kwargs)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def is_setup(self) -> bool:
+        return self._is_setup
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held by the ring."""
+        return sum(tensor_bytes(s) for s in self._slots)
+
+    def setup(self, install_hooks: bool = True) -> "BlockSwapEngine":
+        """Pack host masters, allocate the ring and (optionally) install module hooks.
+
+        Idempotent. Every check runs before the model is touched; if packing fails half-way, the
+        units packed so far are restored and the error re-raised.
+        """
+        if self._is_setup:
+            return self
+        for u in self._units:
+            self._collect(u)
+        self._check_host_ram()
+        try:
+            for u in self._units:
+                self._pack(u)
+            self._alloc_ring()
+        except BaseException:
+            self._restore_units(None)
+            self._free_ring()
+            raise
+        t = self.tracker
+        t.host_bytes = sum(u.nbytes for u in self._units)
+        t.pinned_bytes = sum(u.nbytes for u in self._units if u.pinned)
+        t.location.update({u.name: "host" for u in self._units})
+        self._is_setup = True
+        if install_hooks:
+            self.attach_hooks()
+        log.debug("block swap set up: %s", t.format_summary())
+        return self
+
+    def teardown(self, device=None) -> None:
+        """Undo :meth:`setup`: every parameter gets its own storage again, with the same values, on
+        ``device`` or, by default, where it was before setup. Idempotent."""
+        if not self._is_setup:
+            return
+        self.detach_hooks()
+        if self._cuda:
+            # Teardown is not the steady state: wait for in-flight copies and for kernels still
+            # reading slots before their memory is released.
+            self._copy_stream.synchronize()
+            torch.cuda.current_stream(self.compute_device).synchronize()
+            self._drain_timings()
+        self._restore_units(None if device is None else as_device(device))
+        self._free_ring()
+        self.tracker.location.clear()
+        self.tracker.host_bytes = self.tracker.pinned_bytes = 0
+        self._is_setup = False
+
+    def attach_hooks(self) -> None:
+        """Install per-instance module hooks (no global patching) that drive the schedule."""
+        if self._hooks:
+            return
+        self._hooks.append(self.model.register_forward_pre_hook(lambda m, a: self.begin_forward()))
+        self._hooks.append(self.model.register_forward_hook(
+            lambda m, a, o: self.end_forward(), always_call=True))
+        for u in self._units:
+            self._hooks.append(u.module.register_forward_pre_hook(
+                functools.partial(self._pre_hook, u.index)))
+            # always_call: an exception inside the block still evicts it, so the model stays usable.
+            self._hooks.append(u.module.register_forward_hook(
+                functools.partial(self._post_hook, u.index), always_call=True))
+
+    def detach_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _pre_hook(self, index, module, args):
+        self.before_unit(index)
+
+    def _post_hook(self, index, module, args, output):
+        self.after_unit(index)
+
+    def unit_index(self, module: nn.Module) -> Optional[int]:
+        return self._index.get(module)
+
+    # ------------------------------------------------------------------ schedule
+    def begin_forward(self) -> None:
+        self._evict_bound()
+        self._trace.clear()
+        self._pos = 0
+
+    def end_forward(self) -> None:
+        self._evict_bound()  # normally empty; not after an exception inside a unit's hooks
+        if self._trace and self._trace != self._order:
+            self._order = list(self._trace)
+            self.tracker.schedule_updates += 1
+        self._trace.clear()
+        self._pos = 0
+        self.tracker.forwards += 1
+        if self._pending_timings:
+            self._drain_timings()
+
+    def before_unit(self, index: int) -> None:
+        """Make unit ``index`` resident in a slot and point its parameters there; prefetch ahead."""
+        t0 = time.perf_counter()
+        u = self._units[index]
+        if len(self._trace) < 4 * len(self._order) + 16:  # bounded even without begin/end calls
+            self._trace.append(index)
+        upcoming = self._upcoming(index)
+        protect = {index, *upcoming}
+        if u.slot is None:
+            self._fetch(u, protect)
+            ready = False
+        else:
+            ready = True
+        self._wait_copy(u, ready)
+        self._bind_slot(u)
+        for v in upcoming:
+            if self._units[v].slot is None:
+                self._fetch(self._units[v], protect)
+        self.tracker.hook_seconds += time.perf_counter() - t0
+
+    def after_unit(self, index: int) -> None:
+        """Unit ``index`` has been issued: mark its slot's last use and rebind it to the host."""
+        t0 = time.perf_counter()
+        u = self._units[index]
+        if u.bound:
+            if self._async:
+                self._free_ev[u.slot].record(torch.cuda.current_stream(self.compute_device))
+            self._bind_host(u)
+        self.tracker.hook_seconds += time.perf_counter() - t0
+
+    def _evict_bound(self) -> None:
+        for u in list(self._bound):
+            self._bind_host(u)
+
+    def _upcoming(self, index: int) -> List[int]:
+        """The next distinct units expected after ``index`` (wrapping into the next forward)."""
+        order = self._order
+        try:
+            p = order.index(index, self._pos)
+        except ValueError:
+            try:
+                p = order.index(index)
+            except ValueError:
+                return []  # not in the learned order yet; the next forward will know it
+        self._pos = p + 1
+        want = min(self.settings.prefetch_blocks, len(self._slots) - 1)
+        out: List[int] = []
+        n = len(order)
+        for j in range(1, n):
+            if len(out) >= want:
+                break
+            v = order[(p + j) % n]
+            if v != index and v not in out:
+                out.append(v)
+        return out
+
+    # ------------------------------------------------------------------ data movement
+    def _fetch(self, u: _Unit, protect: Set[int]) -> None:
+        k = self._pick_slot(protect)
+        old = self._slot_owner[k]
+        if old is not None:
+            victim = self._units[old]
+            assert not victim.bound, "a slot in use was chosen for eviction"
+            victim.slot = None
+        self._slot_owner[k] = u.index
+        self.tracker.slot_owner[k] = u.name
+        u.slot, u.used_since_copy = k, False
+        dst = self._slots[k][: u.nbytes]
+        t = self.tracker
+        if self._async:
+            cs = self._copy_stream
+            cs.wait_event(self._free_ev[k])  # the slot's previous user has finished reading it
+            with torch.cuda.stream(cs):
+                start = self._timing_event(cs)
+                dst.copy_(u.master, non_blocking=u.pinned)
+                self._copy_ev[k].record(cs)
+                if start is not None:
+                    self._add_timing("copy", u.name, start, self._timing_event(cs))
+        else:
+            c0 = time.perf_counter()
+            dst.copy_(u.master)
+            dt = time.perf_counter() - c0
+            t.copy_seconds += dt
+            t.copy_ms[u.name] = t.copy_ms.get(u.name, 0.0) + dt * 1e3
+        t.copies += 1
+        t.h2d_bytes += u.nbytes
+
+    def _pick_slot(self, protect: Set[int]) -> int:
+        best = None
+        for k, owner in enumerate(self._slot_owner):
+            if owner is None:
+                return k
+            if owner in protect:
+                continue
+            if best is None or self._slot_last_use[k] < self._slot_last_use[best]:
+                best = k
+        if best is None:  # cannot happen: the protected set is at most K units, one unslotted
+            raise RuntimeError("block swap ring exhausted; this is a bug, please report it")
+        return best
+
+    def _wait_copy(self, u: _Unit, was_slotted: bool) -> None:
+        t = self.tracker
+        if not self._async:
+            if was_slotted:
+                t.prefetch_hits += 1
+            else:
+                t.stalls += 1
+            return
+        ev = self._copy_ev[u.slot]
+        stream = torch.cuda.current_stream(self.compute_device)
+        if was_slotted and ev.query():
+            t.prefetch_hits += 1
+            return
+        t.stalls += 1
+        start = self._timing_event(stream)
+        stream.wait_event(ev)
+        if start is not None:
+            self._add_timing("stall", u.name, start, self._timing_event(stream))
+
+    def _bind_slot(self, u: _Unit) -> None:
+        k = u.slot
+        views = u.slot_views.get(k)
+        if views is None:
+            views = u.slot_views[k] = self._views(self._slots[k], u)
+        if u.used_since_copy:
+            self.tracker.slot_reuses += 1
+        u.used_since_copy = True
+        for e, v in zip(u.entries, views):
+            e.param.data = v
+        u.bound = True
+        self._bound.add(u)
+        self._use_counter += 1
+        self._slot_last_use[k] = self._use_counter
+        self.tracker.location[u.name] = f"slot{k}"
+        if len(self._bound) > self.tracker.max_bound_units:
+            self.tracker.max_bound_units = len(self._bound)
+
+    def _bind_host(self, u: _Unit) -> None:
+        for e, v in zip(u.entries, u.host_views):
+            e.param.data = v
+        u.bound = False
+        self._bound.discard(u)
+        self.tracker.location[u.name] = "host"
+
+    # ------------------------------------------------------------------ setup helpers
+    def _collect(self, u: _Unit) -> None:
+        """Record the unit's parameters and check they can be packed. Touches nothing."""
+        seen: Set[int] = set()
+        entries: List[_Entry] = []
+        offset = 0
+        for mod in u.module.modules():
+            for p in mod._parameters.values():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                size = tuple(torch.Tensor.size(p))
+                nbytes = tensor_bytes(p)
+                entries.append(_Entry(p, offset, nbytes, p.dtype, size,
+                                      _dense_stride(size, torch.Tensor.stride(p)), p.device))
+                offset += _align(nbytes)
+        devices = {e.device for e in entries}
+        if len(devices) > 1:
+            raise BlockSwapError(
+                f"{u.name} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
+                "load the model fully onto one device before enabling block swap.")
+        u.entries, u.nbytes = entries, offset
+
+    def _check_host_ram(self) -> None:
+        off = self.offload_device
+        if off.type != "cpu":
+            return
+        moved = sum(u.nbytes for u in self._units if u.entries and u.entries[0].device != off)
+        in_place = max((u.nbytes for u in self._units if u.entries and u.entries[0].device == off),
+                       default=0)
+        # Units already on the host are repacked one at a time (the old storage is freed as each
+        # unit is rebound), so they need one unit of headroom; units on the device need it all.
+        need = moved + in_place
+        avail = host_available_bytes() if self._host_available is None else self._host_available
+        if need > avail:
+            raise BlockSwapError(
+                f"not enough host RAM for block swap: the host copies of {len(self._units)} streamed "
+                f"units need {format_bytes(need)} but only {format_bytes(avail)} is available. "
+                "Swap fewer blocks, close other programs, or use a smaller (fp8/GGUF) model.")
+
+    def _pack(self, u: _Unit) -> None:
+        u.master = torch.empty(u.nbytes, dtype=torch.uint8, device=self.offload_device)
+        u.pinned = self._pin(u.master)
+        u.host_views = self._views(u.master, u)
+        for e, v in zip(u.entries, u.host_views):
+            v.copy_(e.param.data)
+            if e.device.type != "cpu" and self.offload_device.type == "cpu":
+                self.tracker.setup_d2h_bytes += e.nbytes
+        for e, v in zip(u.entries, u.host_views):
+            e.param.data = v
+
+    @staticmethod
+    def _views(buf: torch.Tensor, u: _Unit) -> List[torch.Tensor]:
+        return [buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.size) for e in u.entries]
+
+    def _pin(self, master: torch.Tensor) -> bool:
+        """Page-lock ``master`` at its exact size (the caching host allocator would round it up to a
+        power of two). Returns False, with the reason logged once, where pinning is off or failed."""
+        t = self.tracker
+        if not (self._async and master.device.type == "cpu" and master.numel() > 0):
+            return False
+        budget = self.settings.pin_budget_bytes
+        if budget is not None and t.pinned_bytes + master.numel() > budget:
+            self._pageable(f"pin budget of {format_bytes(budget)} reached")
+            return False
+        rc = torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.numel(), 0)
+        if int(rc) != 0:
+            self._pageable(f"cudaHostRegister failed with CUDA error {int(rc)}")
+            return False
+        t.pinned_bytes += master.numel()
+        return True
+
+    def _pageable(self, reason: str) -> None:
+        if not self.tracker.pageable_reason:
+            self.tracker.pageable_reason = reason
+            log.warning("block swap: using pageable host memory for some blocks (%s); copies will "
+                        "be slower and synchronous", reason)
+
+    def _alloc_ring(self) -> None:
+        k = self.plan.slots
+        size = max((u.nbytes for u in self._units), default=0)
+        self._slots = [torch.empty(size, dtype=torch.uint8, device=self.compute_device) for _ in range(k)]
+        self._slot_owner = [None] * k
+        self._slot_last_use = [0] * k
+        self.tracker.slot_owner = [None] * k
+        self.tracker.slot_bytes = size
+        if self._async:
+            self._copy_stream = torch.cuda.Stream(self.compute_device)
+            self._copy_ev = [torch.cuda.Event() for _ in range(k)]
+            self._free_ev = [torch.cuda.Event() for _ in range(k)]
+
+    def _free_ring(self) -> None:
+        self._slots = []
+        self._slot_owner, self._slot_last_use = [], []
+        self._copy_ev, self._free_ev = [], []
+        self._copy_stream = None
+        self.tracker.slot_owner = []
+        self._bound.clear()
+        for u in self._units:
+            u.slot, u.bound, u.slot_views, u.used_since_copy = None, False, {}, False
+
+    def _restore_units(self, device: Optional[torch.device]) -> None:
+        """Give every packed parameter its own storage again and release the masters."""
+        for u in self._units:
+            if u.master is None:
+                continue
+            for e, v in zip(u.entries, u.host_views):
+                dev = device or e.device
+                if e.stride is not None:
+                    out = torch.empty_strided(e.size, e.stride, dtype=e.dtype, device=dev)
+                else:
+                    out = torch.empty(e.size, dtype=e.dtype, device=dev)
+                out.copy_(v)
+                e.param.data = out
+            if u.pinned:
+                torch.cuda.cudart().cudaHostUnregister(u.master.data_ptr())
+            u.master, u.pinned, u.host_views, u.bound = None, False, [], False
+
+    # ------------------------------------------------------------------ timing (CUDA)
+    def _timing_event(self, stream):
+        if not self.timing:
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    def _add_timing(self, kind: str, name: str, start, end) -> None:
+        if len(self._pending_timings) >= MAX_PENDING_TIMINGS:
+            self._pending_timings.pop(0)
+            self.tracker.timings_dropped += 1
+        self._pending_timings.append((kind, name, start, end))
+
+    def _drain_timings(self) -> None:
+        """Read the timing events that have completed; never waits for the others."""
+        keep = []
+        for kind, name, start, end in self._pending_timings:
+            if end.query():
+                table = self.tracker.copy_ms if kind == "copy" else self.tracker.stall_ms
+                table[name] = table.get(name, 0.0) + start.elapsed_time(end)
+            else:
+                keep.append((kind, name, start, end))
+        self._pending_timings = keep
+
+    # ------------------------------------------------------------------ introspection
+    def unit_names(self) -> List[str]:
+        return [u.name for u in self._units]
+
+    def storages_in_slots(self) -> Iterable[int]:
+        """data_ptr of every slot buffer (tests check parameters point inside them)."""
+        return [s.data_ptr() for s in self._slots]
+
+
+def place_resident(model: nn.Module, plan: SwapPlan, device) -> None:
+    """Move every parameter and buffer that is not streamed to ``device`` (the pure-torch path; in
+    ComfyUI the ModelPatcher does this). Parameter objects keep their identity."""
+    device = as_device(device)
+    streamed = {id(p) for name in plan.units for p in model.get_submodule(name).parameters()}
+    for p in model.parameters():
+        if id(p) not in streamed and p.device != device:
+            p.data = p.data.to(device)
+    for mod in model.modules():
+        for key, b in mod._buffers.items():
+            if b is not None and b.device != device:
+                mod._buffers[key] = b.to(device)

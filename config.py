@@ -1,0 +1,177 @@
+"""Validated swap settings, WAN layout detection and swap planning.
+
+Pure Python + torch: nothing here imports ComfyUI, so the planner can be used and tested anywhere.
+
+Two WAN implementations are recognised by their module tree:
+
+* ComfyUI's ``WanModel`` (``comfy/ldm/wan/model.py``): ``blocks``, optional ``vace_blocks``,
+  ``text_embedding``, optional ``img_emb``.
+* diffusers' ``WanTransformer3DModel``: ``blocks``, ``condition_embedder.text_embedder``,
+  optional ``condition_embedder.image_embedder``.
+
+Any other module with a ``blocks`` ``ModuleList`` works too (only the main blocks can then stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+PLACEMENTS = ("last", "even")
+
+# (text embedding path, image embedding path) per known implementation, first match wins.
+_EMBEDDING_PATHS = (
+    ("comfyui", "text_embedding", "img_emb"),
+    ("diffusers", "condition_embedder.text_embedder", "condition_embedder.image_embedder"),
+)
+
+
+class BlockSwapError(ValueError):
+    """Bad input for block swapping. The message names the value and what would be valid."""
+
+
+def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return None
+    # A module without parameters (e.g. an Identity placeholder) has nothing to stream.
+    return mod if any(True for _ in mod.parameters()) else None
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a WAN-like module holds that can be streamed."""
+
+    implementation: str  # "comfyui", "diffusers" or "generic"
+    num_blocks: int
+    num_vace_blocks: int = 0
+    text_embedding: Optional[str] = None  # dotted module path, None when absent
+    image_embedding: Optional[str] = None
+
+    @property
+    def block_names(self) -> List[str]:
+        return [f"blocks.{i}" for i in range(self.num_blocks)]
+
+
+def detect_layout(model: nn.Module) -> ModelLayout:
+    """Inspect ``model`` and return its :class:`ModelLayout`.
+
+    Raises :class:`BlockSwapError` when the module has no ``blocks`` ModuleList, so the caller
+    learns what is wrong before anything is touched.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        found = type(blocks).__name__ if blocks is not None else "nothing"
+        raise BlockSwapError(
+            f"{type(model).__name__} has no 'blocks' ModuleList (found {found}); block swap needs a "
+            "WAN diffusion transformer (ComfyUI's WanModel or diffusers' WanTransformer3DModel)."
+        )
+    if len(blocks) == 0:
+        raise BlockSwapError(f"{type(model).__name__}.blocks is empty: nothing to swap.")
+    vace = getattr(model, "vace_blocks", None)
+    num_vace = len(vace) if isinstance(vace, nn.ModuleList) else 0
+    for impl, text_path, image_path in _EMBEDDING_PATHS:
+        text = _get_submodule(model, text_path)
+        if text is not None:
+            image = _get_submodule(model, image_path)
+            return ModelLayout(impl, len(blocks), num_vace, text_path,
+                               image_path if image is not None else None)
+    return ModelLayout("generic", len(blocks), num_vace)
+
+
+@dataclass(frozen=True)
+class SwapSettings:
+    """User-facing swap options, validated against a layout by :func:`plan_swap`."""
+
+    blocks_to_swap: int = 0
+    placement: str = "last"  # "last": the last N blocks (the original pack's convention); "even": spread
+    prefetch_blocks: int = 1  # blocks copied ahead of the one computing; the ring holds prefetch+1
+    vace_blocks_to_swap: int = 0  # 0 streams no VACE block
+    offload_txt_emb: bool = False
+    offload_img_emb: bool = False
+    use_non_blocking: bool = True  # pinned host masters + copies on a side stream (CUDA only)
+    pin_budget_bytes: Optional[int] = None  # None: pin every master; above the budget: pageable
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """Which units stream, in the order a forward is expected to run them."""
+
+    layout: ModelLayout
+    units: Tuple[str, ...]  # dotted module paths, expected execution order
+    block_indices: Tuple[int, ...]
+    vace_indices: Tuple[int, ...]
+    slots: int  # device ring size K
+    settings: SwapSettings = field(default_factory=SwapSettings)
+
+    @property
+    def resident_blocks(self) -> Tuple[int, ...]:
+        swapped = set(self.block_indices)
+        return tuple(i for i in range(self.layout.num_blocks) if i not in swapped)
+
+
+def choose_blocks(num_blocks: int, count: int, placement: str = "last") -> Tuple[int, ...]:
+    """Indices of the ``count`` blocks to stream out of ``num_blocks``.
+
+    ``last`` takes the tail (what earlier WAN block-swap packs did, so saved workflows behave the
+    same). ``even`` spreads them so resident blocks sit between streamed ones and give the copy
+    engine compute to hide behind.
+    """
+    if placement not in PLACEMENTS:
+        raise BlockSwapError(f"placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    if not 0 <= count <= num_blocks:
+        raise BlockSwapError(f"blocks_to_swap={count} is outside 0..{num_blocks} for this model")
+    if count == 0:
+        return ()
+    if placement == "last":
+        return tuple(range(num_blocks - count, num_blocks))
+    # Centre of each of `count` equal strides; strides are >= 1 block wide so indices are distinct.
+    return tuple(int((i + 0.5) * num_blocks / count) for i in range(count))
+
+
+def ring_size(prefetch_blocks: int, num_units: int) -> int:
+    """K = prefetch depth + 1, at least 2, but never more slots than there are streamed units."""
+    if num_units == 0:
+        return 0
+    return min(max(2, prefetch_blocks + 1), num_units)
+
+
+def plan_swap(layout: ModelLayout, settings: SwapSettings) -> SwapPlan:
+    """Validate ``settings`` against ``layout`` and decide what streams."""
+    s = settings
+    if isinstance(s.blocks_to_swap, bool) or not isinstance(s.blocks_to_swap, int):
+        raise BlockSwapError(f"blocks_to_swap must be an integer, got {s.blocks_to_swap!r}")
+    if not 0 <= s.blocks_to_swap <= layout.num_blocks:
+        raise BlockSwapError(
+            f"blocks_to_swap={s.blocks_to_swap} is outside 0..{layout.num_blocks} "
+            f"(this model has {layout.num_blocks} blocks)")
+    if not isinstance(s.prefetch_blocks, int) or s.prefetch_blocks < 0:
+        raise BlockSwapError(f"prefetch_blocks={s.prefetch_blocks!r} must be an integer >= 0")
+    if not 0 <= s.vace_blocks_to_swap <= layout.num_vace_blocks:
+        raise BlockSwapError(
+            f"vace_blocks_to_swap={s.vace_blocks_to_swap} is outside 0..{layout.num_vace_blocks} "
+            f"(this model has {layout.num_vace_blocks} VACE blocks)")
+    if s.pin_budget_bytes is not None and s.pin_budget_bytes < 0:
+        raise BlockSwapError(f"pin_budget_bytes={s.pin_budget_bytes} must be >= 0 or None")
+
+    blocks = choose_blocks(layout.num_blocks, s.blocks_to_swap, s.placement)
+    # VACE blocks are streamed from the end, like the main blocks' default.
+    vace = tuple(range(layout.num_vace_blocks - s.vace_blocks_to_swap, layout.num_vace_blocks))
+    units: List[str] = []
+    # Expected execution order: embeddings, then main blocks. VACE blocks run interleaved with the
+    # main blocks; the engine learns their real position from the first forward.
+    if s.offload_txt_emb and layout.text_embedding:
+        units.append(layout.text_embedding)
+    if s.offload_img_emb and layout.image_embedding:
+        units.append(layout.image_embedding)
+    units += [f"blocks.{i}" for i in blocks]
+    units += [f"vace_blocks.{i}" for i in vace]
+    return SwapPlan(layout, tuple(units), blocks, vace, ring_size(s.prefetch_blocks, len(units)), s)
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's own elements (the stored form: fp8 is 1 byte, quantized raw bytes as is)."""
+    return torch.Tensor.numel(t) * torch.Tensor.element_size(t)

@@ -1,0 +1,276 @@
+"""The swap engine on CPU: same numbers, parameter identity, ring bound, memory, bad input."""
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from wan22_blockswap.block_manager import BlockSwapEngine, place_resident
+from wan22_blockswap.config import BlockSwapError, SwapSettings
+from wan22_blockswap.utils import host_rss_bytes
+from conftest import comfy_layout_model, denoise, diffusers_layout_model, run_model
+
+LAYOUTS = {"comfyui": comfy_layout_model, "diffusers": diffusers_layout_model}
+
+
+def _snapshot(model):
+    return {n: (p, p.detach().clone(), p.device, p.dtype, p.stride()) for n, p in model.named_parameters()}
+
+
+def _assert_restored(model, snap):
+    now = dict(model.named_parameters())
+    assert now.keys() == snap.keys()
+    for name, (obj, value, device, dtype, stride) in snap.items():
+        p = now[name]
+        assert p is obj, f"{name}: parameter object replaced"
+        assert p.device == device and p.dtype == dtype and p.stride() == stride, name
+        assert torch.equal(p.detach(), value), f"{name}: value changed"
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("placement", ["last", "even"])
+@pytest.mark.parametrize("prefetch", [1, 2], ids=["K2", "K3"])
+def test_outputs_bit_identical(layout, dtype, placement, prefetch):
+    model, inputs = LAYOUTS[layout](dtype=dtype)
+    reference = denoise(model, inputs)
+    n = len(model.blocks)
+    snap = _snapshot(model)
+    for count in (0, 1, n // 2, n):
+        engine = BlockSwapEngine.from_settings(
+            model, SwapSettings(blocks_to_swap=count, placement=placement, prefetch_blocks=prefetch), "cpu")
+        engine.setup()
+        outs = denoise(model, inputs)
+        t = engine.tracker
+        engine.teardown()
+        for step, (a, b) in enumerate(zip(reference, outs)):
+            assert torch.equal(a, b), f"N={count} step {step}: max diff {(a - b).abs().max().item()}"
+        assert t.d2h_bytes == 0
+        assert t.forwards == len(reference)
+        if count:
+            assert t.copies > 0 and t.h2d_bytes > 0
+        _assert_restored(model, snap)
+
+
+@pytest.mark.parametrize("variant", ["i2v", "vace", "ti2v22"])
+def test_other_layouts_with_embeddings_and_vace_streamed(variant):
+    model, inputs = comfy_layout_model(variant)
+    reference = denoise(model, inputs)
+    settings = SwapSettings(blocks_to_swap=5, placement="even", offload_txt_emb=True,
+                            offload_img_emb=True, vace_blocks_to_swap=2 if variant == "vace" else 0)
+    engine = BlockSwapEngine.from_settings(model, settings, "cpu").setup()
+    expected_units = 5 + 1 + (variant == "i2v") + 2 * (variant == "vace")
+    assert len(engine.unit_names()) == expected_units
+    outs = denoise(model, inputs)
+    engine.teardown()
+    assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+
+
+def test_vace_order_is_learned_and_prefetch_then_never_stalls():
+    """VACE blocks run interleaved with the main blocks; after the first forward the engine knows
+    the real order, so every later unit is already in a slot when it runs."""
+    model, inputs = comfy_layout_model("vace")
+    engine = BlockSwapEngine.from_settings(
+        model, SwapSettings(blocks_to_swap=8, vace_blocks_to_swap=2, prefetch_blocks=1), "cpu").setup()
+    with torch.no_grad():
+        run_model(model, inputs)
+        run_model(model, inputs)
+    assert engine.tracker.schedule_updates == 1  # the plan's guess was wrong exactly once
+    engine.tracker.reset_counters()
+    with torch.no_grad():
+        run_model(model, inputs)
+        run_model(model, inputs)
+    t = engine.tracker
+    assert t.stalls == 0 and t.prefetch_hits == 2 * 10 and t.schedule_updates == 0
+    engine.teardown()
+
+
+def test_ring_never_holds_more_than_k_blocks():
+    model, inputs = comfy_layout_model("t2v", num_layers=8)
+    engine = BlockSwapEngine.from_settings(
+        model, SwapSettings(blocks_to_swap=6, placement="even", prefetch_blocks=2), "cpu").setup()
+    k = engine.plan.slots
+    assert k == 3 and len(engine.storages_in_slots()) == k
+    slot_ranges = [(p, p + engine.tracker.slot_bytes) for p in engine.storages_in_slots()]
+    seen = []
+
+    def check(module, args):
+        name = next(n for n, m in model.named_modules() if m is module)
+        owners = [o for o in engine.tracker.slot_owner if o is not None]
+        assert len(owners) <= k and len(set(owners)) == len(owners)
+        bound = [n for n, loc in engine.tracker.location.items() if loc.startswith("slot")]
+        assert bound == [name]  # only the running block points at device memory
+        for p in module.parameters():
+            assert any(lo <= p.data_ptr() < hi for lo, hi in slot_ranges), f"{name} not in a slot"
+        seen.append(name)
+
+    # registered after the engine's hooks, so it sees the state the block runs with
+    handles = [model.get_submodule(n).register_forward_pre_hook(check) for n in engine.unit_names()]
+    denoise(model, inputs, steps=2)
+    for h in handles:
+        h.remove()
+    assert len(seen) == 2 * 6
+    assert engine.tracker.max_bound_units == 1
+    assert all(loc == "host" for loc in engine.tracker.location.values())
+    engine.teardown()
+
+
+def test_setup_and_teardown_are_idempotent_and_keep_identity():
+    model, inputs = comfy_layout_model("i2v")
+    snap = _snapshot(model)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=4, offload_img_emb=True), "cpu")
+    engine.setup()
+    engine.setup()
+    assert all(model.get_parameter(n) is obj for n, (obj, *_rest) in snap.items())
+    denoise(model, inputs, steps=1)
+    engine.teardown()
+    engine.teardown()
+    _assert_restored(model, snap)
+    assert engine.device_bytes == 0 and not engine.is_setup
+    # and it can be set up again after a teardown
+    engine.setup()
+    denoise(model, inputs, steps=1)
+    engine.teardown()
+    _assert_restored(model, snap)
+
+
+def test_non_contiguous_weights_keep_their_layout():
+    model, inputs = comfy_layout_model("t2v")
+    w = model.blocks[7].ffn[0].weight
+    w.data = w.data.t().contiguous().t()  # column-major storage, same values
+    stride = w.stride()
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=2), "cpu").setup()
+    outs = denoise(model, inputs)
+    engine.teardown()
+    assert w.stride() == stride
+    assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+
+
+def test_host_rss_after_setup_is_at_most_one_copy_of_swapped_weights():
+    # Big enough that allocator noise is small against it: 8 blocks x ~9 MiB.
+    model, inputs = comfy_layout_model("t2v", dim=512, ffn_dim=2048, num_heads=4, num_layers=8)
+    swapped = sum(p.numel() * p.element_size() for b in model.blocks[2:] for p in b.parameters())
+    gc.collect()
+    baseline = host_rss_bytes()
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=6), "cpu").setup()
+    gc.collect()
+    grown = host_rss_bytes() - baseline
+    # masters replace the original storages one unit at a time; the CPU ring (2 slots) is extra
+    assert grown <= swapped, f"RSS grew {grown} bytes for {swapped} swapped bytes"
+    with torch.no_grad():
+        run_model(model, inputs)
+    engine.teardown()
+
+
+def test_not_enough_host_ram_is_refused_before_touching_the_model():
+    model, _ = comfy_layout_model("t2v")
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=8), "cpu",
+                                           host_available=1024)
+    with pytest.raises(BlockSwapError, match="not enough host RAM.*only 1.00 KiB"):
+        engine.setup()
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    assert not engine.is_setup
+
+
+def test_block_with_parameters_on_several_devices_is_refused():
+    model, _ = comfy_layout_model("t2v")
+    ffn = model.blocks[7].ffn[2]
+    ffn.weight = nn.Parameter(torch.empty_like(ffn.weight, device="meta"), requires_grad=False)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters() if not p.is_meta}
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=2), "cpu")
+    with pytest.raises(BlockSwapError, match=r"blocks\.7 has parameters on several devices \(cpu, meta\)"):
+        engine.setup()
+    assert {n: p.data_ptr() for n, p in model.named_parameters() if not p.is_meta} == ptrs
+
+
+class InterruptProcessingException(Exception):
+    """What ComfyUI raises inside sampling when the user cancels."""
+
+
+@pytest.mark.parametrize("exc", [InterruptProcessingException, KeyboardInterrupt])
+def test_exception_inside_a_block_leaves_a_usable_model(exc):
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=4), "cpu").setup()
+
+    def boom(module, args):
+        raise exc("user pressed cancel")
+
+    handle = model.blocks[6].register_forward_pre_hook(boom)
+    with pytest.raises(exc), torch.no_grad():
+        run_model(model, inputs)
+    handle.remove()
+    if exc is InterruptProcessingException:
+        # torch runs always_call hooks for Exception: the block is evicted at once
+        assert all(loc == "host" for loc in engine.tracker.location.values())
+    # for any exception the next forward starts clean and gives the same numbers
+    assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, inputs)))
+    assert engine.tracker.max_bound_units == 1
+    engine.teardown()
+
+
+class _QuantTensor(torch.Tensor):
+    """Shaped like ComfyUI-GGUF's GGMLTensor: raw bytes plus Python attributes."""
+
+
+class _QuantLinear(nn.Module):
+    def __init__(self, out_f, in_f, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randint(-127, 127, (out_f, in_f), generator=g, dtype=torch.int8).view(torch.uint8)
+        w = nn.Parameter(_QuantTensor(q), requires_grad=False)
+        w.tensor_type, w.tensor_shape, w.patches = "Q8_0", torch.Size((out_f, in_f)), []
+        self.weight = w
+        self.scale = nn.Parameter(torch.tensor(0.01), requires_grad=False)
+
+    def forward(self, x):
+        assert type(self.weight) is _QuantTensor and self.weight.tensor_type == "Q8_0"
+        w = self.weight.data.view(torch.int8).to(x.dtype) * self.scale
+        return x @ w.t()
+
+
+class _Fp8Linear(nn.Module):
+    def __init__(self, out_f, in_f, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(out_f, in_f, generator=g).to(torch.float8_e4m3fn),
+                                   requires_grad=False)
+
+    def forward(self, x):
+        assert self.weight.dtype == torch.float8_e4m3fn
+        return x @ self.weight.to(x.dtype).t()
+
+
+class _StoredFormModel(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.blocks = nn.ModuleList(layer(16, 16, seed) for seed in range(4))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+@pytest.mark.parametrize("layer", [_QuantLinear, _Fp8Linear], ids=["quantized-subclass", "fp8"])
+def test_weights_stream_in_their_stored_form(layer):
+    model = _StoredFormModel(layer)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    raw = [b.weight.data.view(torch.uint8).clone() for b in model.blocks]
+    with torch.no_grad():
+        reference = model(x)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu").setup()
+    expected_bytes = 256 + 256  # one weight of 256 bytes (1 byte/elem) + a 4-byte scalar padded to 256
+    if layer is _Fp8Linear:
+        expected_bytes = 256
+    assert engine.tracker.host_bytes == 3 * expected_bytes
+    with torch.no_grad():
+        out = model(x)
+    engine.teardown()
+    assert torch.equal(out, reference)
+    for b, r in zip(model.blocks, raw):
+        assert torch.equal(b.weight.data.view(torch.uint8), r)
+        if layer is _QuantLinear:
+            assert type(b.weight) is _QuantTensor and b.weight.tensor_type == "Q8_0"
