@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import functools
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -176,8 +177,10 @@ class BlockSwapEngine:
     """
 
     def __init__(self, model: nn.Module, plan: SwapPlan, compute_device, offload_device="cpu", *,
-                 timing: bool = True, host_available: Optional[int] = None):
-        self.model = model
+                 unit_modules: Optional[Mapping[str, nn.Module]] = None, timing: bool = True,
+                 host_available: Optional[int] = None):
+        # Weak: an integration may key a registry by the model; a strong reference would keep it alive.
+        self._model_ref = weakref.ref(model)
         self.plan = plan
         self.compute_device = as_device(compute_device)
         self.offload_device = as_device(offload_device)
@@ -186,7 +189,10 @@ class BlockSwapEngine:
         self._host_available = host_available  # tests inject a figure; None asks the OS
         self.tracker = BlockSwapTracker(units=plan.units, resident_blocks=plan.resident_blocks,
                                         slots=plan.slots)
-        self._units = [_Unit(i, name, model.get_submodule(name)) for i, name in enumerate(plan.units)]
+        # unit_modules: the real modules when the model's tree shows stand-ins in their place (ComfyUI)
+        modules = dict(unit_modules or {})
+        self._units = [_Unit(i, name, modules.get(name) or model.get_submodule(name))
+                       for i, name in enumerate(plan.units)]
         self._index = {u.module: u.index for u in self._units}
         self._cuda = self.compute_device.type == "cuda"
         self._async = self._cuda and self.settings.use_non_blocking
@@ -204,6 +210,17 @@ class BlockSwapEngine:
         self._bound: Set[_Unit] = set()  # units whose parameters point into a slot right now
         self._hooks: List = []
         self._is_setup = False
+        # Called as slot_transform(unit_name) right after a unit is bound to freshly copied slot
+        # memory; it may rewrite the bound parameters in place (ComfyUI applies LoRA patches here).
+        self.slot_transform: Optional[Callable[[str], None]] = None
+        # Registered host memory must be unregistered before it is freed, even if this engine is
+        # dropped without a teardown (a model garbage-collected in ComfyUI): the finalizer does it.
+        self._pinned_ptrs: Dict[int, int] = {}
+        self._finalizer = weakref.finalize(self, _unregister_all, self._pinned_ptrs)
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        return self._model_ref()
 
     @classmethod
     def from_settings(cls, model: nn.Module, settings: SwapSettings, compute_device,
@@ -224,31 +241,50 @@ class BlockSwapEngine:
     def setup(self, install_hooks: bool = True) -> "BlockSwapEngine":
         """Pack host masters, allocate the ring and (optionally) install module hooks.
 
-        Idempotent. Every check runs before the model is touched; if packing fails half-way, the
-        units packed so far are restored and the error re-raised.
+        Idempotent and incremental: on an engine already set up it re-packs only units whose
+        parameters something else moved or replaced since (another user of the same weights), and
+        re-allocates a released ring. Every check runs before the model is touched; if packing
+        fails half-way, the units packed so far are restored and the error re-raised.
         """
         if self._is_setup:
-            return self
-        for u in self._units:
-            self._collect(u)
-        self._check_host_ram()
-        try:
+            self._refresh()
+        else:
             for u in self._units:
-                self._pack(u)
-            self._alloc_ring()
-        except BaseException:
-            self._restore_units(None)
-            self._free_ring()
-            raise
-        t = self.tracker
-        t.host_bytes = sum(u.nbytes for u in self._units)
-        t.pinned_bytes = sum(u.nbytes for u in self._units if u.pinned)
-        t.location.update({u.name: "host" for u in self._units})
-        self._is_setup = True
+                self._collect(u)
+            self._check_host_ram(self._units)
+            try:
+                for u in self._units:
+                    self._pack(u)
+                self._alloc_ring()
+            except BaseException:
+                self._restore_units(None)
+                self._free_ring()
+                raise
+            self.tracker.location.update({u.name: "host" for u in self._units})
+            self._is_setup = True
+        self._update_host_bytes()
         if install_hooks:
             self.attach_hooks()
-        log.debug("block swap set up: %s", t.format_summary())
+        log.debug("block swap set up: %s", self.tracker.format_summary())
         return self
+
+    def release_ring(self) -> None:
+        """Free the device ring but keep the host masters bound: the model stays usable on the host
+        and a later :meth:`setup` only re-allocates the ring."""
+        if not self._slots:
+            return
+        self._sync()
+        self._evict_bound()
+        self._free_ring()
+
+    def invalidate_slots(self) -> None:
+        """Forget what the slots hold (after the slot transform changed, e.g. new LoRA patches)."""
+        self._evict_bound()
+        for k, owner in enumerate(self._slot_owner):
+            if owner is not None:
+                self._units[owner].slot = None
+                self._slot_owner[k] = None
+                self.tracker.slot_owner[k] = None
 
     def teardown(self, device=None) -> None:
         """Undo :meth:`setup`: every parameter gets its own storage again, with the same values, on
@@ -256,25 +292,67 @@ class BlockSwapEngine:
         if not self._is_setup:
             return
         self.detach_hooks()
-        if self._cuda:
-            # Teardown is not the steady state: wait for in-flight copies and for kernels still
-            # reading slots before their memory is released.
-            self._copy_stream.synchronize()
-            torch.cuda.current_stream(self.compute_device).synchronize()
-            self._drain_timings()
+        self._sync()
         self._restore_units(None if device is None else as_device(device))
         self._free_ring()
         self.tracker.location.clear()
         self.tracker.host_bytes = self.tracker.pinned_bytes = 0
         self._is_setup = False
 
+    def _sync(self) -> None:
+        """Wait for in-flight copies and for kernels still reading slots (never in the steady state:
+        only before the ring or the masters are released)."""
+        if self._cuda and self._copy_stream is not None:
+            self._copy_stream.synchronize()
+            torch.cuda.current_stream(self.compute_device).synchronize()
+            self._drain_timings()
+
+    def _refresh(self) -> None:
+        self._evict_bound()
+        stale = [u for u in self._units if not self._intact(u)]
+        if stale:
+            log.info("block swap: %d streamed units were moved or replaced since the last run; "
+                     "re-packing them", len(stale))
+            for u in stale:
+                self._collect(u)
+            self._check_host_ram(stale)
+            self.invalidate_slots()
+            for u in stale:
+                self._unpin(u)  # the old buffer may still be referenced elsewhere: just unpin it
+                self._pack(u)
+        if not self._slots or max(u.nbytes for u in self._units) > self.tracker.slot_bytes:
+            self._free_ring()
+            self._alloc_ring()
+
+    def _intact(self, u: _Unit) -> bool:
+        """True when the unit's parameters still point at its host master. Parameter objects may
+        have been replaced by equivalent ones viewing the same memory (ComfyUI restores backups
+        that way); the entries then follow the new objects."""
+        params = self._unit_params(u)
+        if u.master is None or len(params) != len(u.entries):
+            return False
+        for p, e, v in zip(params, u.entries, u.host_views):
+            if (p.data_ptr() != v.data_ptr() or p.dtype != e.dtype
+                    or tuple(torch.Tensor.size(p)) != e.size):
+                return False
+        for p, e in zip(params, u.entries):
+            e.param = p
+        return True
+
+    def _update_host_bytes(self) -> None:
+        t = self.tracker
+        t.host_bytes = sum(u.nbytes for u in self._units if u.master is not None)
+        t.pinned_bytes = sum(u.nbytes for u in self._units if u.pinned)
+
     def attach_hooks(self) -> None:
         """Install per-instance module hooks (no global patching) that drive the schedule."""
         if self._hooks:
             return
-        self._hooks.append(self.model.register_forward_pre_hook(lambda m, a: self.begin_forward()))
-        self._hooks.append(self.model.register_forward_hook(
-            lambda m, a, o: self.end_forward(), always_call=True))
+        model = self.model
+        if model is not None:
+            self._hooks.append(model.register_forward_pre_hook(lambda m, a: self.begin_forward()))
+            self._hooks.append(model.register_forward_hook(
+                lambda m, a, o: self.end_forward(), always_call=True))
         for u in self._units:
             self._hooks.append(u.module.register_forward_pre_hook(
                 functools.partial(self._pre_hook, u.index)))
@@ -327,7 +405,10 @@ class BlockSwapEngine:
         else:
             ready = True
         self._wait_copy(u, ready)
+        fresh = not u.used_since_copy
         self._bind_slot(u)
+        if fresh and self.slot_transform is not None:
+            self.slot_transform(u.name)
         for v in upcoming:
             if self._units[v].slot is None:
                 self._fetch(self._units[v], protect)
@@ -460,19 +541,14 @@ class BlockSwapEngine:
     # ------------------------------------------------------------------ setup helpers
     def _collect(self, u: _Unit) -> None:
         """Record the unit's parameters and check they can be packed. Touches nothing."""
-        seen: Set[int] = set()
         entries: List[_Entry] = []
         offset = 0
-        for mod in u.module.modules():
-            for p in mod._parameters.values():
-                if p is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                size = tuple(torch.Tensor.size(p))
-                nbytes = tensor_bytes(p)
-                entries.append(_Entry(p, offset, nbytes, p.dtype, size,
-                                      _dense_stride(size, torch.Tensor.stride(p)), p.device))
-                offset += _align(nbytes)
+        for p in self._unit_params(u):
+            size = tuple(torch.Tensor.size(p))
+            nbytes = tensor_bytes(p)
+            entries.append(_Entry(p, offset, nbytes, p.dtype, size,
+                                  _dense_stride(size, torch.Tensor.stride(p)), p.device))
+            offset += _align(nbytes)
         devices = {e.device for e in entries}
         if len(devices) > 1:
             raise BlockSwapError(
@@ -480,12 +556,23 @@ class BlockSwapEngine:
                 "load the model fully onto one device before enabling block swap.")
         u.entries, u.nbytes = entries, offset
 
-    def _check_host_ram(self) -> None:
+    @staticmethod
+    def _unit_params(u: _Unit) -> List[torch.Tensor]:
+        seen: Set[int] = set()
+        out = []
+        for mod in u.module.modules():
+            for p in mod._parameters.values():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def _check_host_ram(self, units: Sequence[_Unit]) -> None:
         off = self.offload_device
         if off.type != "cpu":
             return
-        moved = sum(u.nbytes for u in self._units if u.entries and u.entries[0].device != off)
-        in_place = max((u.nbytes for u in self._units if u.entries and u.entries[0].device == off),
+        moved = sum(u.nbytes for u in units if u.entries and u.entries[0].device != off)
+        in_place = max((u.nbytes for u in units if u.entries and u.entries[0].device == off),
                        default=0)
         # Units already on the host are repacked one at a time (the old storage is freed as each
         # unit is rebound), so they need one unit of headroom; units on the device need it all.
@@ -493,7 +580,7 @@ class BlockSwapEngine:
         avail = host_available_bytes() if self._host_available is None else self._host_available
         if need > avail:
             raise BlockSwapError(
-                f"not enough host RAM for block swap: the host copies of {len(self._units)} streamed "
+                f"not enough host RAM for block swap: the host copies of {len(units)} streamed "
                 f"units need {format_bytes(need)} but only {format_bytes(avail)} is available. "
                 "Swap fewer blocks, close other programs, or use a smaller (fp8/GGUF) model.")
 
@@ -527,7 +614,16 @@ class BlockSwapEngine:
             self._pageable(f"cudaHostRegister failed with CUDA error {int(rc)}")
             return False
         t.pinned_bytes += master.numel()
+        self._pinned_ptrs[master.data_ptr()] = master.numel()
         return True
+
+    def _unpin(self, u: _Unit) -> None:
+        if u.pinned:
+            ptr = u.master.data_ptr()
+            if self._pinned_ptrs.pop(ptr, None) is not None:
+                torch.cuda.cudart().cudaHostUnregister(ptr)
+            u.pinned = False
+            self.tracker.pinned_bytes -= u.nbytes
 
     def _pageable(self, reason: str) -> None:
         if not self.tracker.pageable_reason:
@@ -571,9 +667,8 @@ class BlockSwapEngine:
                     out = torch.empty(e.size, dtype=e.dtype, device=dev)
                 out.copy_(v)
                 e.param.data = out
-            if u.pinned:
-                torch.cuda.cudart().cudaHostUnregister(u.master.data_ptr())
-            u.master, u.pinned, u.host_views, u.bound = None, False, [], False
+            self._unpin(u)
+            u.master, u.host_views, u.bound = None, [], False
 
     # ------------------------------------------------------------------ timing (CUDA)
     def _timing_event(self, stream):
@@ -607,6 +702,13 @@ class BlockSwapEngine:
     def storages_in_slots(self) -> Iterable[int]:
         """data_ptr of every slot buffer (tests check parameters point inside them)."""
         return [s.data_ptr() for s in self._slots]
+
+
+def _unregister_all(pinned: Dict[int, int]) -> None:
+    """Finalizer: unpin whatever an engine still has registered when it is garbage-collected."""
+    for ptr in list(pinned):
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+    pinned.clear()
 
 
 def place_resident(model: nn.Module, plan: SwapPlan, device) -> None:

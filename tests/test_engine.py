@@ -274,3 +274,58 @@ def test_weights_stream_in_their_stored_form(layer):
         assert torch.equal(b.weight.data.view(torch.uint8), r)
         if layer is _QuantLinear:
             assert type(b.weight) is _QuantTensor and b.weight.tensor_type == "Q8_0"
+
+
+def test_release_ring_keeps_masters_and_setup_reallocates():
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=4), "cpu").setup(install_hooks=False)
+    engine.attach_hooks()
+    masters = [model.blocks[7].ffn[0].weight.data_ptr()]
+    engine.release_ring()
+    assert engine.device_bytes == 0 and engine.is_setup
+    assert model.blocks[7].ffn[0].weight.data_ptr() == masters[0]  # still bound to the host master
+    engine.setup()  # re-allocates the ring only
+    assert engine.device_bytes > 0 and model.blocks[7].ffn[0].weight.data_ptr() == masters[0]
+    assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, inputs)))
+    engine.teardown()
+
+
+def test_setup_again_repacks_only_units_moved_or_replaced_elsewhere():
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu").setup()
+    engine.release_ring()
+    # someone else gives block 6 its own storage (ComfyUI loading another clone does this)
+    w6 = model.blocks[6].ffn[0].weight
+    w6.data = w6.data.clone()
+    # ... and replaces a parameter object of block 7 by one viewing the same memory (a restored backup)
+    old7 = model.blocks[7].ffn[2].weight
+    model.blocks[7].ffn[2].weight = nn.Parameter(old7.data, requires_grad=False)
+    ptr7 = old7.data_ptr()
+    engine.setup()
+    assert model.blocks[7].ffn[2].weight.data_ptr() == ptr7  # intact unit: nothing copied
+    assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, inputs)))
+    # the repacked unit follows the engine again: its weight points into a slot while it runs
+    seen = {}
+    h = model.blocks[6].register_forward_pre_hook(
+        lambda m, a: seen.update(ptr=m.ffn[0].weight.data_ptr()))
+    denoise(model, inputs, steps=1)
+    h.remove()
+    assert any(p <= seen["ptr"] < p + engine.tracker.slot_bytes for p in engine.storages_in_slots())
+    engine.teardown()
+
+
+def test_slot_transform_runs_once_per_fresh_copy():
+    model, inputs = comfy_layout_model("t2v")
+    calls = []
+    # 2 streamed units, ring of 2: after the first forward both stay in their slots (reuse)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=2), "cpu")
+    engine.slot_transform = calls.append
+    engine.setup()
+    denoise(model, inputs, steps=3)
+    assert calls == ["blocks.6", "blocks.7"]
+    engine.invalidate_slots()
+    denoise(model, inputs, steps=1)
+    assert calls[2:] == ["blocks.6", "blocks.7"]
+    engine.teardown()
