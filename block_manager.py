@@ -47,6 +47,11 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def packed_bytes(module: nn.Module) -> int:
+    """Size of the flat buffer (host master or device slot) that holds ``module``'s parameters."""
+    return sum(_align(tensor_bytes(p)) for p in module.parameters())
+
+
 def _dense_stride(size: Sequence[int], stride: Sequence[int]) -> Optional[Tuple[int, ...]]:
     """``stride`` if a tensor of ``size`` with it covers its memory exactly once, else None."""
     expected = 1
@@ -213,6 +218,7 @@ class BlockSwapEngine:
         # Called as slot_transform(unit_name) right after a unit is bound to freshly copied slot
         # memory; it may rewrite the bound parameters in place (ComfyUI applies LoRA patches here).
         self.slot_transform: Optional[Callable[[str], None]] = None
+        self._slot_tag = None
         # Registered host memory must be unregistered before it is freed, even if this engine is
         # dropped without a teardown (a model garbage-collected in ComfyUI): the finalizer does it.
         self._pinned_ptrs: Dict[int, int] = {}
@@ -285,6 +291,13 @@ class BlockSwapEngine:
                 self._units[owner].slot = None
                 self._slot_owner[k] = None
                 self.tracker.slot_owner[k] = None
+
+    def set_slot_transform(self, fn: Optional[Callable[[str], None]], tag=None) -> None:
+        """Install the slot transform; a different ``tag`` (e.g. another LoRA set) drops what the
+        slots hold, since it was transformed for the old one."""
+        if tag != self._slot_tag:
+            self.invalidate_slots()
+        self.slot_transform, self._slot_tag = fn, tag
 
     def teardown(self, device=None) -> None:
         """Undo :meth:`setup`: every parameter gets its own storage again, with the same values, on

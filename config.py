@@ -32,9 +32,15 @@ class BlockSwapError(ValueError):
     """Bad input for block swapping. The message names the value and what would be valid."""
 
 
+def unwrap(module: nn.Module) -> nn.Module:
+    """The real module behind a stand-in that exposes it as ``swapped_module`` (the ComfyUI
+    integration puts such stand-ins into a patched model's tree); any other module as is."""
+    return getattr(module, "swapped_module", None) or module
+
+
 def _get_submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
     try:
-        mod = model.get_submodule(path)
+        mod = unwrap(model.get_submodule(path))
     except AttributeError:
         return None
     # A module without parameters (e.g. an Identity placeholder) has nothing to stream.

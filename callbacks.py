@@ -1,0 +1,375 @@
+"""The ComfyUI side of block swap: the engine inside ModelPatcher's memory management.
+
+Mechanism, and why it is this one:
+
+1. **Object patches hide the streamed units from ModelPatcher.** The node's clone gets one object patch
+   per streamed unit (``diffusion_model.blocks.N``, ``diffusion_model.vace_blocks.N``, the text/image
+   embeddings). Each replaces the unit by a :class:`StreamedUnit`: a module with no parameters that
+   holds the real block outside the module tree and, when called, streams it in, runs it and
+   evicts it. ComfyUI applies object patches before it loads (``patch_model``) and restores the
+   originals when it unpatches, per clone. So ``_load_list()``, ``model.to()``, lowvram casting and
+   LoRA baking never see the swapped blocks: they are never moved to the GPU at load (no spike),
+   never patched behind our back, and the input MODEL and every other clone see the ordinary model.
+   VACE blocks, which WAN calls directly rather than through ``patches_replace``, are covered the
+   same way. No ComfyUI function is replaced; no module outside the clone's patches is touched.
+2. **Keyed callbacks carry the lifecycle.** ON_PRE_RUN (every sampling run, after ComfyUI's load) packs
+   host masters if needed, allocates the ring and fixes the accounting; it does not rely on ON_LOAD,
+   which ComfyUI skips when a loaded model or a clone of it is reused. ON_CLEANUP (after every
+   sampler call) writes the run summary. ON_DETACH (clone switches, unload, ``__del__``; possibly
+   twice) releases the device ring; host masters stay bound, so reuse costs nothing. All are keyed,
+   idempotent and never raise out of a detach.
+3. **A DIFFUSION_MODEL wrapper** brackets each forward (begin/end of the learned schedule, so the end
+   of one forward prefetches the start of the next) and sets up lazily if no ON_PRE_RUN came.
+4. **LoRA and other weight patches** on swapped keys are applied on the device, right after a block
+   is copied into its slot, by ComfyUI's own ``patch_weight_to_device(key, return_weight=True)``: the
+   same code, dtype and rounding as for resident weights, while the host master keeps the original
+   weights (one copy in RAM, like ComfyUI's lowvram path). Changing LoRA makes a new clone with new
+   patches; the next run applies those.
+5. **Accounting.** The clone's ``size`` is the resident part plus the ring, and after each preparation
+   ``model_loaded_weight_memory`` is set to the bytes really on the load device plus the ring. The
+   clone gets its own ``patches_uuid``, so when another clone of the same weights was loaded
+   last, ComfyUI unpatches and reloads rather than handing us someone else's patched weights.
+6. **Dynamic VRAM** (``ModelPatcherDynamic``, ComfyUI's default on NVIDIA): ComfyUI then streams
+   weights itself and its patcher cannot take object-patched blocks, so the node passes the model
+   through unchanged and says so in the log and on the node. ``--disable-dynamic-vram`` enables the pack.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+import weakref
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from .block_manager import BlockSwapEngine, packed_bytes
+from .config import SwapPlan, tensor_bytes, unwrap
+from .utils import device_memory, format_bytes, get_logger
+
+log = get_logger("comfy")
+
+KEY = "wan22_blockswap"  # callbacks/wrappers are registered under this key: re-applying replaces, never stacks
+
+# One engine per diffusion model: clones share the module, so they share its host masters. Weak keys:
+# the registry never keeps a model alive (engines hold their model weakly too).
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, BlockSwapEngine]" = weakref.WeakKeyDictionary()
+
+
+class StreamedUnit(nn.Module):
+    """Stands in for a streamed block inside the patcher's module tree.
+
+    It has no parameters: the real block is kept as a plain attribute, not a submodule, so loading,
+    ``.to()`` and parameter walks skip it. Calls run the real block through the engine; attribute
+    lookups fall through to it; ``state_dict()`` includes its weights, so LoRA loaders and savers
+    still see every key.
+    """
+
+    def __init__(self, target: nn.Module, controller: "SwapController", name: str):
+        super().__init__()
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_controller", controller)
+        self.unit_name = name
+
+    def forward(self, *args, **kwargs):
+        return self._controller.run_unit(self.unit_name, self._target, args, kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_target"), name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination.update(self._target.state_dict(prefix=prefix, keep_vars=keep_vars))
+
+    @property
+    def swapped_module(self) -> nn.Module:
+        """The real block (see :func:`config.unwrap`)."""
+        return self._target
+
+    def extra_repr(self) -> str:
+        return f"streamed by block swap: {self.unit_name}"
+
+
+class SwapController:
+    """What one application of the node decided, and its ComfyUI callbacks.
+
+    Shared by the node's clone and every clone made from it downstream (ModelSamplingSD3, LoRA
+    loaders...), which copy its callbacks, wrapper and object patches.
+    """
+
+    def __init__(self, diffusion_model: nn.Module, plan: SwapPlan, *, debug: bool = False,
+                 node_id: Optional[str] = None):
+        self.plan = plan
+        self.debug = debug
+        self.node_id = node_id
+        self._model_ref = weakref.ref(diffusion_model)
+        self.targets: Dict[str, nn.Module] = {n: unwrap(diffusion_model.get_submodule(n))
+                                               for n in plan.units}
+        self._patcher_ref = None
+        self._patch_keys: Dict[str, List[str]] = {}  # unit -> keys patched in the slot
+        self._attached: List[str] = []  # GGUF keys whose tensors carry our attached patches
+        self.runs = 0
+        self.last_summary = ""
+
+    # ------------------------------------------------------------------ installation
+    def install(self, patcher) -> None:
+        """Object patches, keyed callbacks and the wrapper on ``patcher`` (the node's own clone)."""
+        from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+        # A model that went through this node before: drop the old stand-ins first.
+        for name in [k for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)]:
+            del patcher.object_patches[name]
+        for name, target in self.targets.items():
+            patcher.add_object_patch(f"diffusion_model.{name}", StreamedUnit(target, self, name))
+        for cb_type, fn in ((CallbacksMP.ON_PRE_RUN, self.on_pre_run),
+                            (CallbacksMP.ON_CLEANUP, self.on_cleanup),
+                            (CallbacksMP.ON_DETACH, self.on_detach)):
+            patcher.remove_callbacks_with_key(cb_type, KEY)
+            patcher.add_callback_with_key(cb_type, KEY, fn)
+        patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
+        patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model_wrapper)
+        # Weights under this clone differ from other clones' (their streamed part lives elsewhere):
+        # a fresh uuid makes ComfyUI unpatch another clone's weights before loading this one.
+        patcher.patches_uuid = uuid.uuid4()
+        streamed = sum(tensor_bytes(p) for t in self.targets.values() for p in t.parameters())
+        patcher.size = max(0, patcher.model_size() - streamed) + self.ring_bytes()
+        self._patcher_ref = weakref.ref(patcher)
+
+    def ring_bytes(self) -> int:
+        return self.plan.slots * max((packed_bytes(t) for t in self.targets.values()), default=0)
+
+    # ------------------------------------------------------------------ lifecycle
+    def engine(self) -> Optional[BlockSwapEngine]:
+        model = self._model_ref()
+        return None if model is None else _ENGINES.get(model)
+
+    def prepare(self, patcher) -> BlockSwapEngine:
+        """Make the engine ready for a run of ``patcher``: masters, ring, patches, accounting."""
+        model = self._model_ref()
+        if model is None:
+            raise RuntimeError("block swap: the diffusion model this node prepared no longer exists")
+        device = patcher.load_device
+        engine = _ENGINES.get(model)
+        if engine is not None and (engine.plan != self.plan or engine.compute_device.type != device.type):
+            # Another BlockSwap node with other settings used these weights last.
+            engine.teardown(device=patcher.offload_device)
+            engine = None
+        if engine is None:
+            engine = BlockSwapEngine(model, self.plan, device, patcher.offload_device,
+                                     unit_modules=self.targets)
+            _ENGINES[model] = engine
+        engine.setup(install_hooks=False)
+        self._patcher_ref = weakref.ref(patcher)
+        self._set_weight_patches(patcher, engine)
+        self.account(patcher, engine)
+        return engine
+
+    def _unit_of(self, key: str) -> Optional[str]:
+        if not key.startswith("diffusion_model."):
+            return None
+        path = key[len("diffusion_model."):]
+        return next((name for name in self.targets if path.startswith(name + ".")), None)
+
+    def _param(self, key: str):
+        unit = self._unit_of(key)
+        return self.targets[unit].get_parameter(key[len("diffusion_model.") + len(unit) + 1:])
+
+    def _set_weight_patches(self, patcher, engine: BlockSwapEngine) -> None:
+        """Route the patcher's weight patches on streamed keys.
+
+        Quantized GGUF weights carry their patches as a ``.patches`` attribute that ComfyUI-GGUF
+        applies when it dequantizes; its own ``patch_weight_to_device`` attaches them (and the
+        attribute survives our rebinding). Every other patched key is patched in the slot.
+        """
+        slot_keys: Dict[str, List[str]] = {}
+        self._clear_attached()
+        for key, patches in patcher.patches.items():
+            unit = self._unit_of(key)
+            if unit is None or not patches:
+                continue
+            if is_gguf_quantized(self._param(key)):
+                patcher.patch_weight_to_device(key)
+                self._attached.append(key)
+            else:
+                slot_keys.setdefault(unit, []).append(key)
+        self._patch_keys = slot_keys
+        # Slots patched for another patch set (or another node) must be copied again.
+        engine.set_slot_transform(self._apply_patches if slot_keys else None,
+                                  tag=(id(self), patcher.patches_uuid) if slot_keys else None)
+
+    def _clear_attached(self) -> None:
+        """Take back the GGUF patches we attached (ComfyUI-GGUF's unpatch cannot see hidden blocks)."""
+        for key in self._attached:
+            self._param(key).patches = []
+        self._attached = []
+
+    def _apply_patches(self, unit_name: str) -> None:
+        """Patch a block just copied into its slot, with ComfyUI's own resident-weight code path."""
+        keys = self._patch_keys.get(unit_name)
+        patcher = self._patcher_ref() if self._patcher_ref else None
+        if not keys or patcher is None:
+            return
+        from comfy.model_patcher import ModelPatcher
+
+        for key in keys:
+            # core's method: patcher subclasses (ComfyUI-GGUF) may lack return_weight
+            patched = ModelPatcher.patch_weight_to_device(patcher, key, device_to=patcher.load_device,
+                                                          return_weight=True)
+            self._param(key).data.copy_(patched)  # the parameter is bound to the slot right now
+
+    def account(self, patcher, engine: BlockSwapEngine) -> None:
+        """ComfyUI's figure of what is loaded = bytes really on the load device + the ring."""
+        m = patcher.model
+        dev = patcher.load_device
+        on_device = sum(tensor_bytes(t) for t in itertools.chain(m.parameters(), m.buffers())
+                        if t.device == dev)
+        m.model_loaded_weight_memory = on_device + engine.device_bytes
+
+    def on_pre_run(self, patcher) -> None:
+        engine = self.prepare(patcher)
+        engine.tracker.reset_counters()
+        self.runs += 1
+
+    def ready_engine(self) -> BlockSwapEngine:
+        """The engine, prepared lazily when a forward comes without an ON_PRE_RUN before it
+        (samplers that skip ``pre_run``) or after a detach released the ring."""
+        engine = self.engine()
+        if engine is None or not engine.is_setup or engine.device_bytes == 0:
+            patcher = self._patcher_ref() if self._patcher_ref else None
+            if patcher is None:
+                raise RuntimeError("block swap: no model patcher to prepare the engine with")
+            engine = self.prepare(patcher)
+        return engine
+
+    def diffusion_model_wrapper(self, executor, *args, **kwargs):
+        engine = self.ready_engine()
+        engine.begin_forward()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            engine.end_forward()
+
+    def run_unit(self, name: str, target: nn.Module, args, kwargs):
+        engine = self.ready_engine()
+        index = self.plan.units.index(name)
+        engine.before_unit(index)
+        try:
+            return target(*args, **kwargs)
+        finally:
+            engine.after_unit(index)
+
+    def on_cleanup(self, patcher) -> None:
+        engine = self.engine()
+        if engine is None or not engine.is_setup:
+            return
+        t = engine.tracker
+        mem = device_memory(patcher.load_device)
+        text = (f"Block swap: {len(self.plan.units)} units streamed, {len(self.plan.resident_blocks)} "
+                f"blocks resident; {format_bytes(t.h2d_bytes / max(1, t.forwards))} H2D per forward, "
+                f"{t.stalls} stalls")
+        if mem:
+            text += (f"; peak VRAM {format_bytes(mem['peak_allocated'])} allocated, "
+                     f"{format_bytes(mem['peak_reserved'])} reserved")
+        self.last_summary = text
+        if self.debug:
+            log.info("%s | %s", text, t.format_summary())
+        send_node_text(self.node_id, text)
+
+    def on_detach(self, patcher, unpatch_all=True) -> None:
+        """Release the device ring. Runs on clone switches, unloads and from ``__del__`` (maybe twice,
+        maybe at interpreter exit), so it must never raise."""
+        try:
+            self._clear_attached()
+            engine = self.engine()
+            if engine is None or engine.device_bytes == 0:
+                return
+            ring = engine.device_bytes
+            engine.release_ring()
+            m = patcher.model
+            m.model_loaded_weight_memory = max(0, getattr(m, "model_loaded_weight_memory", 0) - ring)
+        except Exception:  # noqa: BLE001 - a detach must not fail; say what happened
+            log.exception("block swap: releasing the device ring failed")
+
+
+def is_gguf_quantized(param) -> bool:
+    """A ComfyUI-GGUF tensor holding quantized bytes (its F32/F16 tensors behave as plain ones)."""
+    qtype = getattr(param, "tensor_type", None)
+    return qtype is not None and getattr(qtype, "name", str(qtype)) not in ("F32", "F16")
+
+
+def send_node_text(node_id: Optional[str], text: str) -> None:
+    """Show ``text`` on the node in the ComfyUI front end, where a server runs."""
+    if not node_id:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    send = getattr(getattr(PromptServer, "instance", None), "send_progress_text", None)
+    if send is None:  # headless runners without a front end
+        return
+    try:
+        send(text, node_id)
+    except Exception:  # noqa: BLE001 - a readout must never break a run
+        log.debug("block swap: could not send node text", exc_info=True)
+
+
+def strip_block_swap(patcher) -> None:
+    """Remove this pack's stand-ins, callbacks and wrapper from ``patcher`` (a clone)."""
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+    for name in [k for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)]:
+        del patcher.object_patches[name]
+    for cb_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_CLEANUP, CallbacksMP.ON_DETACH):
+        patcher.remove_callbacks_with_key(cb_type, KEY)
+    patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
+
+
+def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None):
+    """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
+    ``(model, text)`` with a one-line description of what was done for the node's readout."""
+    from .config import detect_layout, plan_swap
+
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        text = ("Dynamic VRAM is active: ComfyUI streams the weights itself, so block swap leaves this "
+                "model unchanged. Start ComfyUI with --disable-dynamic-vram to use block swap.")
+        log.warning("block swap: %s", text)
+        return patcher, text
+    diffusion_model = patcher.get_model_object("diffusion_model")
+    layout = detect_layout(diffusion_model)
+    settings = clamp_settings(settings, layout)
+    plan = plan_swap(layout, settings)
+    clone = patcher.clone()
+    strip_block_swap(clone)
+    if not plan.units:
+        text = f"Block swap off: all {layout.num_blocks} blocks resident."
+        log.info("block swap: %s", text)
+        return clone, text
+    controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id)
+    controller.install(clone)
+    text = (f"Block swap: {len(plan.block_indices)} of {layout.num_blocks} blocks streamed "
+            f"({', '.join(map(str, plan.block_indices)) or 'none'})"
+            + (f", {len(plan.vace_indices)} of {layout.num_vace_blocks} VACE blocks" if layout.num_vace_blocks else "")
+            + f"; ring {plan.slots} x {format_bytes(controller.ring_bytes() // plan.slots)}"
+            + ("; pinned async copies" if settings.use_non_blocking else "; pageable synchronous copies"))
+    log.info("%s", text)
+    return clone, text
+
+
+def clamp_settings(settings, layout):
+    """Counts above what the model has are clamped (with a log line), so one workflow serves
+    30-block and 40-block models."""
+    from dataclasses import replace
+
+    changes = {}
+    if settings.blocks_to_swap > layout.num_blocks:
+        log.info("block swap: blocks_to_swap=%d clamped to this model's %d blocks",
+                 settings.blocks_to_swap, layout.num_blocks)
+        changes["blocks_to_swap"] = layout.num_blocks
+    if settings.vace_blocks_to_swap > layout.num_vace_blocks:
+        log.info("block swap: vace_blocks_to_swap=%d clamped to this model's %d VACE blocks",
+                 settings.vace_blocks_to_swap, layout.num_vace_blocks)
+        changes["vace_blocks_to_swap"] = layout.num_vace_blocks
+    return replace(settings, **changes) if changes else settings
