@@ -349,7 +349,7 @@ class WanModel(nn.Module):
         ``total_blocks``, ``block_type`` and ``block_index`` are set on the copy as in ComfyUI.
         """
         opts = dict(transformer_options or {})
-        in_dtype, dtype = x.dtype, self.text_embedding[0].weight.dtype
+        in_dtype, dtype = x.dtype, self.head.head.weight.dtype  # head: never streamed
         bs, _, t, h, w = x.shape
         x = self._embed(self.patch_embedding, x, dtype)
         grid = tuple(x.shape[2:])

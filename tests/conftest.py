@@ -1,4 +1,5 @@
 """Shared fixtures: the pack imported as a package, tiny WAN models in both layouts."""
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,20 @@ from _pack import import_pack  # noqa: E402
 import_pack()  # registers `wan22_blockswap` so tests can `from wan22_blockswap.x import y`
 
 from wan22_blockswap import tiny_wan  # noqa: E402
+
+# The ComfyUI surface: a real checkout when COMFYUI_PATH names one (run this tier with that
+# checkout's Python environment), else the stand-in in tests/comfy_stub. Never both: the stub's
+# server.py would shadow ComfyUI's.
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+if COMFYUI_PATH:
+    sys.path.insert(0, COMFYUI_PATH)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options  # noqa: E402
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: E402,F401
+else:
+    sys.path.insert(0, str(ROOT / "tests" / "comfy_stub"))
 
 
 def comfy_layout_model(variant="t2v", dtype=torch.float32, seed=0, **overrides):
@@ -65,3 +80,14 @@ def denoise(model, inputs, steps=3):
 @pytest.fixture
 def has_cuda():
     return torch.cuda.is_available()
+
+
+@pytest.fixture
+def comfy_nodes():
+    """Node classes of the real ComfyUI (core + extras), for the COMFYUI_PATH tier."""
+    import asyncio
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    return nodes.NODE_CLASS_MAPPINGS

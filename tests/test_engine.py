@@ -185,11 +185,7 @@ def test_block_with_parameters_on_several_devices_is_refused():
     assert {n: p.data_ptr() for n, p in model.named_parameters() if not p.is_meta} == ptrs
 
 
-class InterruptProcessingException(Exception):
-    """What ComfyUI raises inside sampling when the user cancels."""
-
-
-@pytest.mark.parametrize("exc", [InterruptProcessingException, KeyboardInterrupt])
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
 def test_exception_inside_a_block_leaves_a_usable_model(exc):
     model, inputs = comfy_layout_model("t2v")
     reference = denoise(model, inputs)
@@ -202,10 +198,10 @@ def test_exception_inside_a_block_leaves_a_usable_model(exc):
     with pytest.raises(exc), torch.no_grad():
         run_model(model, inputs)
     handle.remove()
-    if exc is InterruptProcessingException:
-        # torch runs always_call hooks for Exception: the block is evicted at once
+    if exc is RuntimeError:
+        # torch runs always_call hooks for an Exception (not a BaseException): evicted at once
         assert all(loc == "host" for loc in engine.tracker.location.values())
-    # for any exception the next forward starts clean and gives the same numbers
+    # for any exception (ComfyUI's interrupt is a BaseException) the next forward starts clean
     assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, inputs)))
     assert engine.tracker.max_bound_units == 1
     engine.teardown()
