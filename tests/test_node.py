@@ -220,3 +220,23 @@ def test_twenty_runs_with_unloads_stay_flat():
     assert len(set(callbacks)) == 1 and callbacks[0] == 3
     assert len(set(hosts[1:])) == 1 and hosts[-1][2] == 0  # ring released at every unload
     assert rss[-1] - rss[1] < 8 * 2**20, rss
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_gguf_like_quantized_weights_stream_as_stored_and_keep_patches(lora):
+    from gguf_like import FakeGGMLTensor, Q8, to_gguf_like
+
+    model = to_gguf_like(load())
+    keys = ("blocks.7.ffn.0.weight", "blocks.6.self_attn.q.weight", "blocks.1.cross_attn.k.weight")
+    base = with_lora(model, keys=keys) if lora else model
+    reference = sample(base)
+    swapped = swap(model, 6)
+    assert type(swapped).__name__ == "FakeGGUFModelPatcher"
+    out = sample(with_lora(swapped, keys=keys) if lora else swapped)
+    assert torch.equal(out, reference)
+    engine = _ENGINES[swapped.model.diffusion_model]
+    w = swapped.object_patches["diffusion_model.blocks.7"].swapped_module.ffn[0].weight
+    assert type(w) is FakeGGMLTensor and w.tensor_type is Q8  # type and attributes survive
+    assert w.dtype == torch.uint8 and engine.tracker.h2d_bytes > 0  # raw bytes were streamed
+    assert w.patches == []  # attached LoRA patches are taken back at detach / next preparation
+    assert torch.equal(sample(model), sample(swap(model, 6)))  # no stale LoRA afterwards
