@@ -219,6 +219,9 @@ class BlockSwapEngine:
         # memory; it may rewrite the bound parameters in place (ComfyUI applies LoRA patches here).
         self.slot_transform: Optional[Callable[[str], None]] = None
         self._slot_tag = None
+        self.shared_ring: Optional[SharedRing] = None
+        # Told the change in device bytes when another engine takes the shared slots away.
+        self.ring_listener: Optional[Callable[[int], None]] = None
         # Registered host memory must be unregistered before it is freed, even if this engine is
         # dropped without a teardown (a model garbage-collected in ComfyUI): the finalizer does it.
         self._pinned_ptrs: Dict[int, int] = {}
@@ -273,6 +276,13 @@ class BlockSwapEngine:
             self.attach_hooks()
         log.debug("block swap set up: %s", self.tracker.format_summary())
         return self
+
+    def end_run(self) -> None:
+        """After a sampling run: evict whatever is still bound (an interrupted run) and read the
+        finished timing events. Keeps masters and slots for the next run."""
+        self._evict_bound()
+        if self._pending_timings:
+            self._drain_timings()
 
     def release_ring(self) -> None:
         """Free the device ring but keep the host masters bound: the model stays usable on the host
@@ -644,10 +654,20 @@ class BlockSwapEngine:
             log.warning("block swap: using pageable host memory for some blocks (%s); copies will "
                         "be slower and synchronous", reason)
 
+    def use_shared_ring(self, ring: Optional["SharedRing"]) -> None:
+        """Take device slots from ``ring`` (shared with other engines) instead of owning a ring."""
+        if ring is not self.shared_ring:
+            self.release_ring()
+            self.shared_ring = ring
+
     def _alloc_ring(self) -> None:
         k = self.plan.slots
         size = max((u.nbytes for u in self._units), default=0)
-        self._slots = [torch.empty(size, dtype=torch.uint8, device=self.compute_device) for _ in range(k)]
+        if self.shared_ring is not None:
+            self._slots = self.shared_ring.take(self, k, size, self.compute_device)
+            size = self.tracker.slot_bytes = tensor_bytes(self._slots[0]) if self._slots else 0
+        else:
+            self._slots = [torch.empty(size, dtype=torch.uint8, device=self.compute_device) for _ in range(k)]
         self._slot_owner = [None] * k
         self._slot_last_use = [0] * k
         self.tracker.slot_owner = [None] * k
@@ -658,6 +678,20 @@ class BlockSwapEngine:
             self._free_ev = [torch.cuda.Event() for _ in range(k)]
 
     def _free_ring(self) -> None:
+        if self.shared_ring is not None:
+            self.shared_ring.release(self)
+        self._forget_ring()
+
+    def _give_back_ring(self) -> None:
+        """Another engine takes the shared slots: finish what reads them, then forget them."""
+        lost = self.device_bytes
+        self._sync()
+        self._evict_bound()
+        self._forget_ring()
+        if self.ring_listener is not None and lost:
+            self.ring_listener(-lost)
+
+    def _forget_ring(self) -> None:
         self._slots = []
         self._slot_owner, self._slot_last_use = [], []
         self._copy_ev, self._free_ev = [], []
@@ -715,6 +749,41 @@ class BlockSwapEngine:
     def storages_in_slots(self) -> Iterable[int]:
         """data_ptr of every slot buffer (tests check parameters point inside them)."""
         return [s.data_ptr() for s in self._slots]
+
+
+class SharedRing:
+    """Device slots shared by engines of which only one computes at a time (the two WAN 2.2
+    experts): the engine about to run takes the slots, the engine that gave them up holds no device
+    memory for its streamed blocks. Grows to the largest request; freed when its holder releases it."""
+
+    def __init__(self):
+        self._buffers: List[torch.Tensor] = []
+        self._owner = None  # weakref to the engine holding the slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(tensor_bytes(b) for b in self._buffers)
+
+    def holder(self) -> Optional["BlockSwapEngine"]:
+        return self._owner() if self._owner is not None else None
+
+    def take(self, engine: "BlockSwapEngine", count: int, nbytes: int, device) -> List[torch.Tensor]:
+        owner = self.holder()
+        if owner is not None and owner is not engine:
+            owner._give_back_ring()
+        have = tensor_bytes(self._buffers[0]) if self._buffers else 0
+        if (len(self._buffers) < count or have < nbytes
+                or (self._buffers and self._buffers[0].device != as_device(device))):
+            count, nbytes = max(count, len(self._buffers)), max(nbytes, have)
+            self._buffers = []  # free the old slots before allocating the larger ones
+            self._buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+        self._owner = weakref.ref(engine)
+        return self._buffers[:count]
+
+    def release(self, engine: "BlockSwapEngine") -> None:
+        if self.holder() is engine:
+            self._owner = None
+            self._buffers = []
 
 
 def _unregister_all(pinned: Dict[int, int]) -> None:

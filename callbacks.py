@@ -41,9 +41,10 @@ import uuid
 import weakref
 from typing import Dict, List, Optional
 
+import torch
 from torch import nn
 
-from .block_manager import BlockSwapEngine, packed_bytes
+from .block_manager import BlockSwapEngine, SharedRing, packed_bytes
 from .config import SwapPlan, tensor_bytes, unwrap
 from .utils import device_memory, format_bytes, get_logger
 
@@ -100,8 +101,9 @@ class SwapController:
     """
 
     def __init__(self, diffusion_model: nn.Module, plan: SwapPlan, *, debug: bool = False,
-                 node_id: Optional[str] = None):
+                 node_id: Optional[str] = None, ring: Optional[SharedRing] = None):
         self.plan = plan
+        self.ring = ring  # device slots shared with the other models of a looper pipeline
         self.debug = debug
         self.node_id = node_id
         self._model_ref = weakref.ref(diffusion_model)
@@ -115,20 +117,16 @@ class SwapController:
 
     # ------------------------------------------------------------------ installation
     def install(self, patcher) -> None:
-        """Object patches, keyed callbacks and the wrapper on ``patcher`` (the node's own clone)."""
+        """Object patches, keyed callbacks and the wrapper on ``patcher``: the node's own clone, from
+        which :func:`looper_helpers.reset_model_blockswap_state` removed any earlier ones."""
         from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-        # A model that went through this node before: drop the old stand-ins first.
-        for name in [k for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)]:
-            del patcher.object_patches[name]
         for name, target in self.targets.items():
             patcher.add_object_patch(f"diffusion_model.{name}", StreamedUnit(target, self, name))
         for cb_type, fn in ((CallbacksMP.ON_PRE_RUN, self.on_pre_run),
                             (CallbacksMP.ON_CLEANUP, self.on_cleanup),
                             (CallbacksMP.ON_DETACH, self.on_detach)):
-            patcher.remove_callbacks_with_key(cb_type, KEY)
             patcher.add_callback_with_key(cb_type, KEY, fn)
-        patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
         patcher.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, KEY, self.diffusion_model_wrapper)
         # Weights under this clone differ from other clones' (their streamed part lives elsewhere):
         # a fresh uuid makes ComfyUI unpatch another clone's weights before loading this one.
@@ -160,6 +158,8 @@ class SwapController:
             engine = BlockSwapEngine(model, self.plan, device, patcher.offload_device,
                                      unit_modules=self.targets)
             _ENGINES[model] = engine
+        engine.use_shared_ring(self.ring)
+        engine.ring_listener = self._ring_changed
         engine.setup(install_hooks=False)
         self._patcher_ref = weakref.ref(patcher)
         self._set_weight_patches(patcher, engine)
@@ -227,6 +227,13 @@ class SwapController:
                         if t.device == dev)
         m.model_loaded_weight_memory = on_device + engine.device_bytes
 
+    def _ring_changed(self, delta: int) -> None:
+        """Another model of the pipeline took the shared slots: ComfyUI's figure drops with them."""
+        patcher = self._patcher_ref() if self._patcher_ref else None
+        if patcher is not None:
+            m = patcher.model
+            m.model_loaded_weight_memory = max(0, getattr(m, "model_loaded_weight_memory", 0) + delta)
+
     def on_pre_run(self, patcher) -> None:
         engine = self.prepare(patcher)
         engine.tracker.reset_counters()
@@ -247,9 +254,15 @@ class SwapController:
         engine = self.ready_engine()
         engine.begin_forward()
         try:
-            return executor(*args, **kwargs)
+            out = executor(*args, **kwargs)
         finally:
             engine.end_forward()
+        if self.debug and args and isinstance(args[0], torch.Tensor):
+            from .looper_helpers import validate_tensor_consistency
+
+            # metadata only (no device sync): a streamed block must not change dtype or device
+            validate_tensor_consistency(args[0], out, "diffusion model output", attrs=("dtype", "device"))
+        return out
 
     def run_unit(self, name: str, target: nn.Module, args, kwargs):
         engine = self.ready_engine()
@@ -261,20 +274,15 @@ class SwapController:
             engine.after_unit(index)
 
     def on_cleanup(self, patcher) -> None:
+        from .looper_helpers import cleanup_loop_blockswap
+
         engine = self.engine()
         if engine is None or not engine.is_setup:
             return
-        t = engine.tracker
-        mem = device_memory(patcher.load_device)
-        text = (f"Block swap: {len(self.plan.units)} units streamed, {len(self.plan.resident_blocks)} "
-                f"blocks resident; {format_bytes(t.h2d_bytes / max(1, t.forwards))} H2D per forward, "
-                f"{t.stalls} stalls")
-        if mem:
-            text += (f"; peak VRAM {format_bytes(mem['peak_allocated'])} allocated, "
-                     f"{format_bytes(mem['peak_reserved'])} reserved")
+        text = cleanup_loop_blockswap(engine, patcher.load_device)
         self.last_summary = text
         if self.debug:
-            log.info("%s | %s", text, t.format_summary())
+            log.info("%s | %s", text, engine.tracker.format_summary())
         send_node_text(self.node_id, text)
 
     def on_detach(self, patcher, unpatch_all=True) -> None:
@@ -316,18 +324,8 @@ def send_node_text(node_id: Optional[str], text: str) -> None:
         log.debug("block swap: could not send node text", exc_info=True)
 
 
-def strip_block_swap(patcher) -> None:
-    """Remove this pack's stand-ins, callbacks and wrapper from ``patcher`` (a clone)."""
-    from comfy.patcher_extension import CallbacksMP, WrappersMP
-
-    for name in [k for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)]:
-        del patcher.object_patches[name]
-    for cb_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_CLEANUP, CallbacksMP.ON_DETACH):
-        patcher.remove_callbacks_with_key(cb_type, KEY)
-    patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
-
-
-def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None):
+def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
+                     ring: Optional[SharedRing] = None):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
     ``(model, text)`` with a one-line description of what was done for the node's readout."""
     from .config import detect_layout, plan_swap
@@ -341,13 +339,15 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     layout = detect_layout(diffusion_model)
     settings = clamp_settings(settings, layout)
     plan = plan_swap(layout, settings)
+    from .looper_helpers import reset_model_blockswap_state
+
     clone = patcher.clone()
-    strip_block_swap(clone)
+    reset_model_blockswap_state(clone)
     if not plan.units:
         text = f"Block swap off: all {layout.num_blocks} blocks resident."
         log.info("block swap: %s", text)
         return clone, text
-    controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id)
+    controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id, ring=ring)
     controller.install(clone)
     text = (f"Block swap: {len(plan.block_indices)} of {layout.num_blocks} blocks streamed "
             f"({', '.join(map(str, plan.block_indices)) or 'none'})"

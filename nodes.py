@@ -10,13 +10,54 @@ from .config import SwapSettings
 CATEGORY = "WAN22 BlockSwap"
 
 
+def swap_inputs() -> dict:
+    """The swap settings every node of the pack takes, in this order (saved workflows store widget
+    values by position)."""
+    return {
+        "blocks_to_swap": ("INT", {"default": 20, "min": 0, "max": 48, "step": 1, "tooltip":
+            "How many transformer blocks live in host RAM and stream to the GPU (the last N). "
+            "WAN 1.3B/5B have 30 blocks, 14B/A14B 40; larger values are clamped. More blocks = "
+            "less VRAM, more PCIe traffic. 0 = off."}),
+        "offload_txt_emb": ("BOOLEAN", {"default": False, "tooltip":
+            "Also stream the text embedding (about 0.1 GB for 14B); saves a little VRAM."}),
+        "offload_img_emb": ("BOOLEAN", {"default": False, "tooltip":
+            "Also stream the image (CLIP) embedding of i2v models; no effect on models without one."}),
+        "use_non_blocking": ("BOOLEAN", {"default": True, "tooltip":
+            "Pinned host memory and asynchronous copies on a side stream, overlapped with "
+            "compute (fast). Off: pageable memory and synchronous copies (slower; uses no "
+            "page-locked RAM)."}),
+        "vace_blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1, "tooltip":
+            "How many VACE blocks stream (the last N; 14B VACE has 8). 0 = none: all VACE "
+            "blocks stay on the GPU. Ignored for models without VACE."}),
+        "prefetch_blocks": ("INT", {"default": 1, "min": 0, "max": 40, "step": 1, "tooltip":
+            "Blocks copied ahead while the current one computes. The GPU holds prefetch + 1 "
+            "(at least 2) streamed blocks at a time. 1 is enough when a block computes longer "
+            "than it copies; raise it for short clips or low resolutions."}),
+        "block_swap_debug": ("BOOLEAN", {"default": False, "tooltip":
+            "Log a detailed summary after every sampling run: blocks resident/streamed, bytes "
+            "moved, prefetch hits, stalls, copy and stall times, peak memory."}),
+    }
+
+
+def settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
+                  vace_blocks_to_swap, prefetch_blocks) -> SwapSettings:
+    return SwapSettings(blocks_to_swap=int(blocks_to_swap), prefetch_blocks=int(prefetch_blocks),
+                        vace_blocks_to_swap=int(vace_blocks_to_swap), offload_txt_emb=bool(offload_txt_emb),
+                        offload_img_emb=bool(offload_img_emb), use_non_blocking=bool(use_non_blocking))
+
+
+MODEL_TOOLTIP = ("A WAN 2.1 / 2.2 diffusion model (t2v, i2v, VACE, 5B, A14B high or low noise expert), "
+                 "safetensors or GGUF.")
+DYNAMIC_NOTE = ("Inactive when ComfyUI's Dynamic VRAM is on (it streams weights itself); start ComfyUI "
+                "with --disable-dynamic-vram to use it.")
+
+
 class WAN22BlockSwap:
     DESCRIPTION = (
         "Streams the chosen WAN 2.1/2.2 transformer blocks from host RAM to the GPU just before they "
         "run, so 14B models fit 8-16 GB cards. Put it after any model loader (UNETLoader, Unet Loader "
         "(GGUF), LoRA loaders) and before the sampler. Same outputs as without it; the log and this "
-        "node show what is streamed. Inactive when ComfyUI's Dynamic VRAM is on (it streams weights "
-        "itself); start ComfyUI with --disable-dynamic-vram to use it.")
+        "node show what is streamed. " + DYNAMIC_NOTE)
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
@@ -25,53 +66,137 @@ class WAN22BlockSwap:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "A WAN 2.1 / 2.2 diffusion model (t2v, i2v, VACE, 5B, "
-                                               "A14B high or low noise expert), safetensors or GGUF."}),
-                "blocks_to_swap": ("INT", {"default": 20, "min": 0, "max": 48, "step": 1, "tooltip":
-                    "How many transformer blocks live in host RAM and stream to the GPU (the last N). "
-                    "WAN 1.3B/5B have 30 blocks, 14B/A14B 40; larger values are clamped. More blocks = "
-                    "less VRAM, more PCIe traffic. 0 = off."}),
-                "offload_txt_emb": ("BOOLEAN", {"default": False, "tooltip":
-                    "Also stream the text embedding (about 0.1 GB for 14B); saves a little VRAM."}),
-                "offload_img_emb": ("BOOLEAN", {"default": False, "tooltip":
-                    "Also stream the image (CLIP) embedding of i2v models; no effect on models without one."}),
-                "use_non_blocking": ("BOOLEAN", {"default": True, "tooltip":
-                    "Pinned host memory and asynchronous copies on a side stream, overlapped with "
-                    "compute (fast). Off: pageable memory and synchronous copies (slower; uses no "
-                    "page-locked RAM)."}),
-                "vace_blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 15, "step": 1, "tooltip":
-                    "How many VACE blocks stream (the last N; 14B VACE has 8). 0 = none: all VACE "
-                    "blocks stay on the GPU. Ignored for models without VACE."}),
-                "prefetch_blocks": ("INT", {"default": 1, "min": 0, "max": 40, "step": 1, "tooltip":
-                    "Blocks copied ahead while the current one computes. The GPU holds prefetch + 1 "
-                    "(at least 2) streamed blocks at a time. 1 is enough when a block computes longer "
-                    "than it copies; raise it for short clips or low resolutions."}),
-                "block_swap_debug": ("BOOLEAN", {"default": False, "tooltip":
-                    "Log a detailed summary after every sampling run: blocks resident/streamed, bytes "
-                    "moved, prefetch hits, stalls, copy and stall times, peak memory."}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP}), **swap_inputs()},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model, blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
               vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
         from .callbacks import apply_block_swap, send_node_text
 
-        settings = SwapSettings(blocks_to_swap=int(blocks_to_swap), prefetch_blocks=int(prefetch_blocks),
-                                vace_blocks_to_swap=int(vace_blocks_to_swap),
-                                offload_txt_emb=bool(offload_txt_emb), offload_img_emb=bool(offload_img_emb),
-                                use_non_blocking=bool(use_non_blocking))
+        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
+                                 vace_blocks_to_swap, prefetch_blocks)
         out, text = apply_block_swap(model, settings, debug=bool(block_swap_debug),
                                      node_id=str(unique_id) if unique_id is not None else None)
         send_node_text(unique_id, text)
         return (out,)
 
 
+class WAN22BlockSwapLooperModels:
+    DESCRIPTION = (
+        "Prepares the WAN 2.2 high-noise and low-noise experts for WanVideoLooper: both stream the "
+        "chosen blocks and share one set of GPU slots, since only one expert computes at a time (the "
+        "idle expert holds no GPU memory for its streamed blocks). Prepared once, reused by every "
+        "loop. " + DYNAMIC_NOTE)
+    CATEGORY = CATEGORY + "/looper"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", "MODEL")
+    RETURN_NAMES = ("model_high", "model_low")
+    OUTPUT_TOOLTIPS = ("The high-noise expert, ready for WanVideoLooper's model_high.",
+                       "The low-noise expert, ready for WanVideoLooper's model_low.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model_high": ("MODEL", {"tooltip": "WAN 2.2 high-noise expert (early steps)."}),
+                             "model_low": ("MODEL", {"tooltip": "WAN 2.2 low-noise expert (late steps)."}),
+                             **swap_inputs()},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def apply(self, model_high, model_low, blocks_to_swap, offload_txt_emb, offload_img_emb,
+              use_non_blocking, vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+        from .block_manager import SharedRing
+        from .looper_helpers import prepare_model_for_loop
+
+        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
+                                 vace_blocks_to_swap, prefetch_blocks)
+        ring, prepared = SharedRing(), {}
+        kw = dict(ring=ring, prepared=prepared, debug=bool(block_swap_debug),
+                  node_id=str(unique_id) if unique_id is not None else None)
+        return (prepare_model_for_loop(model_high, settings, **kw),
+                prepare_model_for_loop(model_low, settings, **kw))
+
+
+class WAN22BlockSwapSequencer:
+    DESCRIPTION = (
+        "Prepares WanVideoLoraSequencer's model_clip_sequence for WanVideoLooper: every model of every "
+        "segment streams the chosen blocks (each distinct model prepared once, all sharing one set of "
+        "GPU slots); empty segments and clips pass through unchanged. Malformed entries stop with an "
+        "error instead of being skipped. " + DYNAMIC_NOTE)
+    CATEGORY = CATEGORY + "/looper"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("ANY",)
+    RETURN_NAMES = ("model_clip_sequence",)
+    OUTPUT_TOOLTIPS = ("The same list of (model_high, model_low, clip) segments with prepared models; "
+                       "connect it to WanVideoLooper's model_clip_sequence.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model_clip_sequence": ("ANY", {"tooltip":
+                    "WanVideoLoraSequencer's output: a list of (model_high, model_low, clip) per segment."}),
+                             **swap_inputs()},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def apply(self, model_clip_sequence, blocks_to_swap, offload_txt_emb, offload_img_emb,
+              use_non_blocking, vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+        from .looper_helpers import prepare_sequence
+
+        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
+                                 vace_blocks_to_swap, prefetch_blocks)
+        return (prepare_sequence(model_clip_sequence, settings, debug=bool(block_swap_debug),
+                                 node_id=str(unique_id) if unique_id is not None else None),)
+
+
+class WAN22BlockSwapLooper:
+    DESCRIPTION = (
+        "For graphs built for the original pack's loop-aware looper node: takes a list of models, or of "
+        "(model_high, model_low, clip) segments, and returns the same list with every model prepared "
+        "for block swap (prepared once, one shared set of GPU slots). New graphs: use WAN22 BlockSwap "
+        "Looper Models or WAN22 BlockSwap Sequencer. " + DYNAMIC_NOTE)
+    CATEGORY = CATEGORY + "/looper"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("ANY",)
+    RETURN_NAMES = ("prepared_models",)
+    OUTPUT_TOOLTIPS = ("The input list with prepared models, same shape.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"models_list": ("ANY", {"tooltip":
+                    "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."}),
+                             **swap_inputs()},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def apply(self, models_list, blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
+              vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+        from .looper_helpers import prepare_sequence
+
+        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
+                                 vace_blocks_to_swap, prefetch_blocks)
+        node_id = str(unique_id) if unique_id is not None else None
+        if isinstance(models_list, (list, tuple)) and models_list and all(
+                e is None or hasattr(e, "clone") for e in models_list):
+            # a plain list of models: treat each as a segment's high expert, then unwrap
+            seq = prepare_sequence([(m, None, None) for m in models_list], settings,
+                                   debug=bool(block_swap_debug), node_id=node_id)
+            return ([e[0] for e in seq],)
+        return (prepare_sequence(models_list, settings, debug=bool(block_swap_debug), node_id=node_id),)
+
+
+class WAN22BlockSwapLooperLegacy(WAN22BlockSwapLooper):
+    """The same node under the original pack's id, so its saved workflows still load."""
+
+    DEPRECATED = True
+
+
 NODE_CLASS_MAPPINGS = {
     "wan22BlockSwap": WAN22BlockSwap,
+    "wan22BlockSwapLooperModels": WAN22BlockSwapLooperModels,
+    "wan22BlockSwapSequencer": WAN22BlockSwapSequencer,
+    "WAN22BlockSwapLooper": WAN22BlockSwapLooper,
+    "wan22BlockSwapLooper": WAN22BlockSwapLooperLegacy,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "wan22BlockSwap": "WAN 2.2 BlockSwap",
+    "wan22BlockSwapLooperModels": "WAN22 BlockSwap Looper Models",
+    "wan22BlockSwapSequencer": "WAN22 BlockSwap Sequencer",
+    "WAN22BlockSwapLooper": "WAN 2.2 BlockSwap Looper (Loop-Aware)",
+    "wan22BlockSwapLooper": "WAN 2.2 BlockSwap Looper (Loop-Aware, legacy id)",
 }
