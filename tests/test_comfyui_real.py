@@ -4,6 +4,8 @@ Skipped unless COMFYUI_PATH names a ComfyUI checkout; run it with that ComfyUI's
 README). It links this pack and the shared test-helper nodes (../shared/tools/comfyui) into
 custom_nodes/, writes a tiny WAN model and a tiny LoRA into models/, starts `main.py --cpu` on a
 free local port, queues API-format prompts over HTTP and compares the saved latents exactly.
+The GGUF tests also need ComfyUI-GGUF in custom_nodes/ComfyUI-GGUF (and the `gguf` package); they write
+a Q8_0 GGUF of the same tiny model and are skipped without it.
 """
 import json
 import os
@@ -114,15 +116,19 @@ def _run(server, prompt):
 def _latent(server, prefix):
     from safetensors.torch import load_file
 
-    files = sorted(server["out"].glob(f"{prefix}*.latent"))
+    # SaveLatent writes "<prefix>_<5-digit counter>_.latent"; match that exactly, or the prefix "t_lora"
+    # would also pick up "t_lora_swap_00001_.latent" (sorted last) and compare a branch with itself.
+    files = sorted(server["out"].glob(f"{prefix}_[0-9][0-9][0-9][0-9][0-9]_.latent"))
     assert files, prefix
     return load_file(str(files[-1]))["latent_tensor"]
 
 
-def _graph(tag, branches):
+def _graph(tag, branches, loader=None):
     """One loader feeding several sampler branches (clones of one loaded model in one graph).
-    ``branches``: name -> list of (class_type, inputs) applied to the model in order."""
-    g = {"load": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+    ``branches``: name -> list of (class_type, inputs) applied to the model in order.
+    ``loader``: the loader node (default: UNETLoader of the tiny safetensors model)."""
+    loader = loader or {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}}
+    g = {"load": loader,
          "pos": {"class_type": "TinyWanTextEmbeds", "inputs": {"seed": 1, "tokens": 16, "text_dim": 4096, "scale": 1.0}},
          "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
          "lat": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}}}
@@ -189,3 +195,122 @@ def test_twenty_queued_runs_with_free_stay_flat(server):
     assert len(summaries) >= 20 and all("D2H 0 B" in s for s in summaries)
     masters = {s.split("host masters ")[1].split(";")[0] for s in summaries[-20:]}
     assert len(masters) == 1, masters
+
+
+# --- GGUF (ComfyUI-GGUF's "Unet Loader (GGUF)") ---------------------------------------------------
+# Needs city96/ComfyUI-GGUF in COMFYUI_PATH/custom_nodes/ComfyUI-GGUF (linked or cloned there before the
+# server starts) and the `gguf` package in ComfyUI's environment; skipped otherwise.
+GGUF_MODEL = "wan22bs_tiny_t2v_q8.gguf"
+
+
+def _gguf_available() -> str:
+    """'' when the GGUF tests can run, else the reason to skip."""
+    comfy = Path(os.environ.get("COMFYUI_PATH", "")).resolve()
+    if not (comfy / "custom_nodes" / "ComfyUI-GGUF").exists():
+        return f"ComfyUI-GGUF is not installed at {comfy / 'custom_nodes' / 'ComfyUI-GGUF'}"
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return "the `gguf` package is not installed in ComfyUI's Python environment"
+    return ""
+
+
+def _write_gguf(path: Path) -> dict:
+    """The tiny WAN t2v of `_write_assets` as a GGUF file: arch "wan" (ComfyUI-GGUF's loader checks
+    general.architecture against its IMG_ARCH_LIST), every 2-D weight inside blocks.* quantized to Q8_0,
+    everything else F32 (norms, biases, modulations, embeddings, head: ComfyUI's WAN detection reads
+    their shapes). Returns {key: qtype name}."""
+    import gguf
+
+    from wan22_blockswap import tiny_wan
+
+    cfg = tiny_wan.tiny_config("t2v", dim=128, num_heads=1, ffn_dim=256, num_layers=8, text_dim=4096)
+    sd = tiny_wan.WanModel(cfg).init_weights(3).state_dict()
+    Q = gguf.GGMLQuantizationType
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    w = gguf.GGUFWriter(str(tmp), arch="wan")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    kinds = {}
+    for k, v in sd.items():
+        a = v.detach().float().contiguous().numpy()
+        qt = Q.Q8_0 if (k.startswith("blocks.") and a.ndim == 2) else Q.F32
+        data = gguf.quants.quantize(a, qt)
+        w.add_tensor(k, data, raw_dtype=qt)
+        kinds[k] = qt.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)  # a server that lists the folder never sees a half-written file
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def gguf_model(server):
+    why = _gguf_available()
+    if why:
+        pytest.skip(why)
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    kinds = _write_gguf(comfy / "models" / "diffusion_models" / GGUF_MODEL)
+    assert sum(q == "Q8_0" for q in kinds.values()) == 8 * 10  # 4 self-attn + 4 cross-attn + 2 ffn per block
+    obj = _req(server["base"], "/object_info/UnetLoaderGGUF")
+    assert "UnetLoaderGGUF" in obj, "ComfyUI-GGUF's nodes are not registered: " + server["log"].read_text()[-3000:]
+    assert GGUF_MODEL in obj["UnetLoaderGGUF"]["input"]["required"]["unet_name"][0], obj
+    return GGUF_MODEL
+
+
+def _gguf_loader(name):
+    return {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": name}}
+
+
+def test_gguf_q8_ksampler_identical_with_swap_and_lora(server, gguf_model):
+    tag = f"gguf{uuid.uuid4().hex[:6]}"
+    outputs = _run(server, _graph(tag, {
+        "plain": [],
+        "swap3": [_swap(3)], "swap8": [_swap(8)],
+        "lora": [LORA_NODE],
+        "lora_swap": [LORA_NODE, _swap(5)],
+        "swap_lora": [_swap(5), LORA_NODE],
+        "swap8_lora": [_swap(8), LORA_NODE],  # every LoRA key on a streamed quantized weight
+    }, loader=_gguf_loader(gguf_model)))
+    log = server["log"].read_text()
+    assert "gguf qtypes: F32 (151), Q8_0 (80)" in log, log[-3000:]
+    for name in ("plain", "swap8", "lora_swap"):  # ComfyUI-GGUF's patcher, ComfyUI's WAN 2.1 detection
+        info = json.loads(outputs[f"{name}_info"]["text"][0])
+        assert info["patcher"] == "GGUFModelPatcher", info
+        assert info["model_base"] == "WAN21", info
+        assert info["blocks"] == 8, info
+    plain = _latent(server, f"{tag}_plain")
+    assert torch.isfinite(plain).all()
+    diffs = {}
+    for name in ("swap3", "swap8"):
+        out = _latent(server, f"{tag}_{name}")
+        diffs[name] = (out - plain).abs().max().item()
+    lora = _latent(server, f"{tag}_lora")
+    assert not torch.equal(lora, plain)  # the LoRA reaches the quantized weights
+    for name in ("lora_swap", "swap_lora", "swap8_lora"):
+        diffs[name] = (_latent(server, f"{tag}_{name}") - lora).abs().max().item()
+    assert all(d == 0 for d in diffs.values()), diffs  # max |diff| vs. the unswapped reference
+
+
+def test_gguf_swapped_branch_keeps_gguf_patcher_and_streams_quantized_bytes(server, gguf_model):
+    import gguf
+
+    from wan22_blockswap.utils import format_bytes
+
+    tag = f"ggufinfo{uuid.uuid4().hex[:6]}"
+    outputs = _run(server, _graph(tag, {"swap": [_swap(6, debug=True)]}, loader=_gguf_loader(gguf_model)))
+    info = json.loads(outputs["swap_info"]["text"][0])
+    assert info["patcher"] == "GGUFModelPatcher", info
+    assert info["model_base"] == "WAN21" and info["blocks"] == 8, info
+    assert sum(info["wrappers"].values()) >= 1 and sum(info["callbacks"].values()) >= 1, info
+    # One ring slot holds a block's bytes as stored in the file (Q8_0 weights, F32 rest), not dequantized.
+    path = Path(os.environ["COMFYUI_PATH"]).resolve() / "models" / "diffusion_models" / gguf_model
+    reader = gguf.GGUFReader(str(path))
+    block_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith("blocks.0."))
+    summary = [line for line in server["log"].read_text().splitlines()
+               if "units streamed" in line and "D2H" in line][-1]
+    assert "6 units streamed, 2 blocks resident" in summary, summary
+    assert f"ring 2 x {format_bytes(block_bytes)}" in summary, (block_bytes, summary)
+    assert "D2H 0 B" in summary, summary
