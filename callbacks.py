@@ -353,7 +353,8 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
             f"({', '.join(map(str, plan.block_indices)) or 'none'})"
             + (f", {len(plan.vace_indices)} of {layout.num_vace_blocks} VACE blocks" if layout.num_vace_blocks else "")
             + f"; ring {plan.slots} x {format_bytes(controller.ring_bytes() // plan.slots)}"
-            + ("; pinned async copies" if settings.use_non_blocking else "; pageable synchronous copies"))
+            + ("; pinned async copies" if settings.use_non_blocking and patcher.load_device.type == "cuda"
+               else "; synchronous copies"))
     log.info("%s", text)
     return clone, text
 
