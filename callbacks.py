@@ -109,6 +109,7 @@ class SwapController:
         self._model_ref = weakref.ref(diffusion_model)
         self.targets: Dict[str, nn.Module] = {n: unwrap(diffusion_model.get_submodule(n))
                                                for n in plan.units}
+        self._index = {n: i for i, n in enumerate(plan.units)}
         self._patcher_ref = None
         self._patch_keys: Dict[str, List[str]] = {}  # unit -> keys patched in the slot
         self._attached: List[str] = []  # GGUF keys whose tensors carry our attached patches
@@ -266,7 +267,7 @@ class SwapController:
 
     def run_unit(self, name: str, target: nn.Module, args, kwargs):
         engine = self.ready_engine()
-        index = self.plan.units.index(name)
+        index = self._index[name]
         engine.before_unit(index)
         try:
             return target(*args, **kwargs)

@@ -39,11 +39,15 @@ def swap_inputs() -> dict:
     }
 
 
-def settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-                  vace_blocks_to_swap, prefetch_blocks) -> SwapSettings:
-    return SwapSettings(blocks_to_swap=int(blocks_to_swap), prefetch_blocks=int(prefetch_blocks),
-                        vace_blocks_to_swap=int(vace_blocks_to_swap), offload_txt_emb=bool(offload_txt_emb),
-                        offload_img_emb=bool(offload_img_emb), use_non_blocking=bool(use_non_blocking))
+def parse_swap(swap: dict, unique_id=None):
+    """The swap widgets' values -> (SwapSettings, debug flag, node id for the readout)."""
+    settings = SwapSettings(blocks_to_swap=int(swap["blocks_to_swap"]),
+                            prefetch_blocks=int(swap["prefetch_blocks"]),
+                            vace_blocks_to_swap=int(swap["vace_blocks_to_swap"]),
+                            offload_txt_emb=bool(swap["offload_txt_emb"]),
+                            offload_img_emb=bool(swap["offload_img_emb"]),
+                            use_non_blocking=bool(swap["use_non_blocking"]))
+    return settings, bool(swap["block_swap_debug"]), (str(unique_id) if unique_id is not None else None)
 
 
 MODEL_TOOLTIP = ("A WAN 2.1 / 2.2 diffusion model (t2v, i2v, VACE, 5B, A14B high or low noise expert), "
@@ -69,15 +73,12 @@ class WAN22BlockSwap:
         return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP}), **swap_inputs()},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-              vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+    def apply(self, model, unique_id=None, **swap):
         from .callbacks import apply_block_swap, send_node_text
 
-        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-                                 vace_blocks_to_swap, prefetch_blocks)
-        out, text = apply_block_swap(model, settings, debug=bool(block_swap_debug),
-                                     node_id=str(unique_id) if unique_id is not None else None)
-        send_node_text(unique_id, text)
+        settings, debug, node_id = parse_swap(swap, unique_id)
+        out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id)
+        send_node_text(node_id, text)
         return (out,)
 
 
@@ -101,16 +102,12 @@ class WAN22BlockSwapLooperModels:
                              **swap_inputs()},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model_high, model_low, blocks_to_swap, offload_txt_emb, offload_img_emb,
-              use_non_blocking, vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+    def apply(self, model_high, model_low, unique_id=None, **swap):
         from .block_manager import SharedRing
         from .looper_helpers import prepare_model_for_loop
 
-        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-                                 vace_blocks_to_swap, prefetch_blocks)
-        ring, prepared = SharedRing(), {}
-        kw = dict(ring=ring, prepared=prepared, debug=bool(block_swap_debug),
-                  node_id=str(unique_id) if unique_id is not None else None)
+        settings, debug, node_id = parse_swap(swap, unique_id)
+        kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id)
         return (prepare_model_for_loop(model_high, settings, **kw),
                 prepare_model_for_loop(model_low, settings, **kw))
 
@@ -135,14 +132,11 @@ class WAN22BlockSwapSequencer:
                              **swap_inputs()},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model_clip_sequence, blocks_to_swap, offload_txt_emb, offload_img_emb,
-              use_non_blocking, vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+    def apply(self, model_clip_sequence, unique_id=None, **swap):
         from .looper_helpers import prepare_sequence
 
-        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-                                 vace_blocks_to_swap, prefetch_blocks)
-        return (prepare_sequence(model_clip_sequence, settings, debug=bool(block_swap_debug),
-                                 node_id=str(unique_id) if unique_id is not None else None),)
+        settings, debug, node_id = parse_swap(swap, unique_id)
+        return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id),)
 
 
 class WAN22BlockSwapLooper:
@@ -164,20 +158,16 @@ class WAN22BlockSwapLooper:
                              **swap_inputs()},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, models_list, blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-              vace_blocks_to_swap, prefetch_blocks, block_swap_debug, unique_id=None):
+    def apply(self, models_list, unique_id=None, **swap):
         from .looper_helpers import prepare_sequence
 
-        settings = settings_from(blocks_to_swap, offload_txt_emb, offload_img_emb, use_non_blocking,
-                                 vace_blocks_to_swap, prefetch_blocks)
-        node_id = str(unique_id) if unique_id is not None else None
+        settings, debug, node_id = parse_swap(swap, unique_id)
         if isinstance(models_list, (list, tuple)) and models_list and all(
                 e is None or hasattr(e, "clone") for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap
-            seq = prepare_sequence([(m, None, None) for m in models_list], settings,
-                                   debug=bool(block_swap_debug), node_id=node_id)
+            seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id)
             return ([e[0] for e in seq],)
-        return (prepare_sequence(models_list, settings, debug=bool(block_swap_debug), node_id=node_id),)
+        return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id),)
 
 
 class WAN22BlockSwapLooperLegacy(WAN22BlockSwapLooper):

@@ -45,7 +45,7 @@ def swap(model, blocks, **kw):
     args = dict(offload_txt_emb=False, offload_img_emb=False, use_non_blocking=True,
                 vace_blocks_to_swap=0, prefetch_blocks=1, block_swap_debug=False)
     args.update(kw)
-    return WAN22BlockSwap().apply(model, blocks, **args, unique_id="7")[0]
+    return WAN22BlockSwap().apply(model, blocks_to_swap=blocks, **args, unique_id="7")[0]
 
 
 def with_lora(model, strength=1.0, keys=("blocks.7.ffn.0.weight", "blocks.1.self_attn.q.weight",
