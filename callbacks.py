@@ -113,8 +113,6 @@ class SwapController:
         self._patcher_ref = None
         self._patch_keys: Dict[str, List[str]] = {}  # unit -> keys patched in the slot
         self._attached: List[str] = []  # GGUF keys whose tensors carry our attached patches
-        self.runs = 0
-        self.last_summary = ""
 
     # ------------------------------------------------------------------ installation
     def install(self, patcher) -> None:
@@ -236,9 +234,7 @@ class SwapController:
             m.model_loaded_weight_memory = max(0, getattr(m, "model_loaded_weight_memory", 0) + delta)
 
     def on_pre_run(self, patcher) -> None:
-        engine = self.prepare(patcher)
-        engine.tracker.reset_counters()
-        self.runs += 1
+        self.prepare(patcher).tracker.reset_counters()
 
     def ready_engine(self) -> BlockSwapEngine:
         """The engine, prepared lazily when a forward comes without an ON_PRE_RUN before it
@@ -281,7 +277,6 @@ class SwapController:
         if engine is None or not engine.is_setup:
             return
         text = cleanup_loop_blockswap(engine, patcher.load_device)
-        self.last_summary = text
         if self.debug:
             log.info("%s | %s", text, engine.tracker.format_summary())
         send_node_text(self.node_id, text)
