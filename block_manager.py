@@ -198,7 +198,6 @@ class BlockSwapEngine:
         modules = dict(unit_modules or {})
         self._units = [_Unit(i, name, modules.get(name) or model.get_submodule(name))
                        for i, name in enumerate(plan.units)]
-        self._index = {u.module: u.index for u in self._units}
         self._cuda = self.compute_device.type == "cuda"
         self._async = self._cuda and self.settings.use_non_blocking
         self._slots: List[torch.Tensor] = []
@@ -393,9 +392,6 @@ class BlockSwapEngine:
 
     def _post_hook(self, index, module, args, output):
         self.after_unit(index)
-
-    def unit_index(self, module: nn.Module) -> Optional[int]:
-        return self._index.get(module)
 
     # ------------------------------------------------------------------ schedule
     def begin_forward(self) -> None:

@@ -37,12 +37,6 @@ def host_available_bytes() -> int:
     return psutil.virtual_memory().available
 
 
-def host_total_bytes() -> int:
-    import psutil
-
-    return psutil.virtual_memory().total
-
-
 def as_device(device) -> torch.device:
     d = torch.device(device)
     if d.type == "cuda" and d.index is None:
