@@ -628,7 +628,8 @@ class BlockSwapEngine:
         if budget is not None and t.pinned_bytes + master.numel() > budget:
             self._pageable(f"pin budget of {format_bytes(budget)} reached")
             return False
-        rc = torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.numel(), 0)
+        # flag 1 = cudaHostRegisterPortable: pinned for every CUDA context, as ComfyUI registers too
+        rc = torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.numel(), 1)
         if int(rc) != 0:
             self._pageable(f"cudaHostRegister failed with CUDA error {int(rc)}")
             return False

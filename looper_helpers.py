@@ -23,7 +23,7 @@ import torch
 
 from .block_manager import BlockSwapEngine, SharedRing
 from .config import SwapSettings
-from .utils import device_memory, format_bytes, get_logger
+from .utils import device_memory, format_bytes, get_logger, host_rss_bytes
 
 log = get_logger("looper")
 
@@ -66,6 +66,8 @@ def cleanup_loop_blockswap(engine: BlockSwapEngine, device=None) -> str:
     if mem:
         text += (f"; peak VRAM {format_bytes(mem['peak_allocated'])} allocated, "
                  f"{format_bytes(mem['peak_reserved'])} reserved")
+    else:  # no device counters (CPU): the host side is what there is to show
+        text += f"; host RSS {format_bytes(host_rss_bytes())}"
     return text
 
 
