@@ -6,6 +6,9 @@ custom_nodes/, writes a tiny WAN model and a tiny LoRA into models/, starts `mai
 free local port, queues API-format prompts over HTTP and compares the saved latents exactly.
 The GGUF tests also need ComfyUI-GGUF in custom_nodes/ComfyUI-GGUF (and the `gguf` package); they write
 a Q8_0 GGUF of the same tiny model and are skipped without it.
+The WanVideoLooper test also needs SquirrelRat/WanVideoLooper in custom_nodes/WanVideoLooper (skipped
+without it); for it the fixture writes tiny I2V experts, a tiny WAN 2.1 VAE and a generated test-node
+pack (custom_nodes/wan22bs_test_fakes: a CLIP stand-in, an exact IMAGE saver, a sampler-call probe).
 """
 import json
 import os
@@ -26,6 +29,7 @@ pytestmark = [pytest.mark.comfyui,
 ROOT = Path(__file__).resolve().parents[1]
 HELPERS = ROOT.parent / "shared" / "tools" / "comfyui" / "comfy_test_helpers"
 MODEL = "wan22bs_tiny_t2v.safetensors"
+MODEL_LOW = "wan22bs_tiny_t2v_low.safetensors"  # a second expert (other weights) for high/low graphs
 LORA = "wan22bs_tiny_lora.safetensors"
 
 
@@ -41,6 +45,8 @@ def _write_assets(comfy: Path) -> None:
     cfg = tiny_wan.tiny_config("t2v", dim=128, num_heads=1, ffn_dim=256, num_layers=8, text_dim=4096)
     sd = tiny_wan.WanModel(cfg).init_weights(3).state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(models / MODEL))
+    low = tiny_wan.WanModel(cfg).init_weights(4).state_dict()
+    save_file({k: v.contiguous() for k, v in low.items()}, str(models / MODEL_LOW))
     g = torch.Generator().manual_seed(5)
     lora = {}
     for key in ("blocks.7.ffn.0", "blocks.6.self_attn.q", "blocks.1.cross_attn.k"):  # streamed + resident
@@ -75,6 +81,7 @@ def server(tmp_path_factory):
     _link(comfy, ROOT, "wan22_blockswap")
     _link(comfy, HELPERS, "test_helpers")
     _write_assets(comfy)
+    _write_looper_assets(comfy)
     out = tmp_path_factory.mktemp("comfy_out")
     log = out / "server.log"
     with socket.socket() as s:
@@ -314,3 +321,407 @@ def test_gguf_swapped_branch_keeps_gguf_patcher_and_streams_quantized_bytes(serv
     assert "6 units streamed, 2 blocks resident" in summary, summary
     assert f"ring 2 x {format_bytes(block_bytes)}" in summary, (block_bytes, summary)
     assert "D2H 0 B" in summary, summary
+
+
+# --- WAN 2.2 high/low experts (KSamplerAdvanced split) --------------------------------------------
+def _run_entry(server, prompt):
+    """Like `_run`, but returns the whole history entry (outputs and status messages, which list the
+    nodes ComfyUI took from its cache)."""
+    pid = _req(server["base"], "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})["prompt_id"]
+    deadline = time.time() + 600
+    while True:
+        h = _req(server["base"], f"/history/{pid}") or {}
+        status = h.get(pid, {}).get("status", {})
+        if status.get("status_str") in ("success", "error"):
+            assert status["status_str"] == "success", json.dumps(status)[-3000:]
+            return h[pid]
+        assert time.time() < deadline, "prompt timed out"
+        time.sleep(0.2)
+
+
+def _cached_nodes(entry) -> set:
+    return {n for kind, msg in entry["status"].get("messages", []) if kind == "execution_cached"
+            for n in msg.get("nodes", [])}
+
+
+def _looper_models(n, debug=False):
+    return ("wan22BlockSwapLooperModels", {"blocks_to_swap": n, "offload_txt_emb": False, "offload_img_emb": False,
+                                           "use_non_blocking": True, "vace_blocks_to_swap": 0, "prefetch_blocks": 1,
+                                           "block_swap_debug": debug})
+
+
+def _moe_graph(tag, variants, seed=42, shift=5.0):
+    """WAN 2.2 A14B-style graph: two UNETLoaders (high-noise expert MODEL, low-noise expert MODEL_LOW),
+    each through ModelSamplingSD3 (``shift`` None: no ModelSamplingSD3), then per variant
+    KSamplerAdvanced high (add noise, steps 0-2 of 4, leftover noise returned) -> KSamplerAdvanced low
+    (no noise, steps 2-end) -> SaveLatent "<tag>_<variant>". All variants share the two loaders.
+    ``variants``: name -> "plain" | ("swap", n) (one wan22BlockSwap per expert) | ("looper", n) (one
+    wan22BlockSwapLooperModels feeding both samplers, with block_swap_debug: one summary per sampler call)."""
+    g = {"load_high": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
+         "load_low": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_LOW, "weight_dtype": "default"}},
+         "pos": {"class_type": "TinyWanTextEmbeds", "inputs": {"seed": 1, "tokens": 16, "text_dim": 4096, "scale": 1.0}},
+         "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
+         "lat": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}}}
+    high, low = ["load_high", 0], ["load_low", 0]
+    if shift is not None:
+        g["ms_high"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": high, "shift": shift}}
+        g["ms_low"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": low, "shift": shift}}
+        high, low = ["ms_high", 0], ["ms_low", 0]
+    for name, how in variants.items():
+        if how == "plain":
+            h, lo = high, low
+        elif how[0] == "swap":
+            cls, inputs = _swap(how[1])
+            g[f"{name}_swap_high"] = {"class_type": cls, "inputs": {"model": high, **inputs}}
+            g[f"{name}_swap_low"] = {"class_type": cls, "inputs": {"model": low, **inputs}}
+            h, lo = [f"{name}_swap_high", 0], [f"{name}_swap_low", 0]
+        elif how[0] == "looper":
+            cls, inputs = _looper_models(how[1], debug=True)
+            g[f"{name}_prep"] = {"class_type": cls, "inputs": {"model_high": high, "model_low": low, **inputs}}
+            h, lo = [f"{name}_prep", 0], [f"{name}_prep", 1]
+        else:
+            raise ValueError(how)
+        common = {"noise_seed": seed, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+                  "positive": ["pos", 0], "negative": ["neg", 0]}
+        g[f"{name}_ks_high"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": h, "add_noise": "enable", **common, "latent_image": ["lat", 0],
+            "start_at_step": 0, "end_at_step": 2, "return_with_leftover_noise": "enable"}}
+        g[f"{name}_ks_low"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": lo, "add_noise": "disable", **common, "latent_image": [f"{name}_ks_high", 0],
+            "start_at_step": 2, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+        g[f"{name}_save"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{name}_ks_low", 0],
+                                                                  "filename_prefix": f"{tag}_{name}"}}
+    return g
+
+
+def test_wan22_high_low_ksampler_advanced_identical_with_swap_and_looper_models(server):
+    def log_since(n):
+        return server["log"].read_text()[n:]
+
+    def streamed(text):  # the per-sampler-call summaries of the LooperModels experts (debug on)
+        return [s for s in text.splitlines() if "6 units streamed" in s and "D2H" in s]
+
+    tag = f"moe{uuid.uuid4().hex[:6]}"
+    start = len(server["log"].read_text())
+    _run(server, _moe_graph(tag, {"plain": "plain", "swap": ("swap", 5), "looper": ("looper", 6)}))
+    log = log_since(start)
+    prepared = [s for s in log.splitlines() if "blocks streamed (" in s and "looper: " not in s]
+    assert sum("Block swap: 5 of 8" in s for s in prepared) == 2, prepared  # one wan22BlockSwap per expert
+    assert sum("Block swap: 6 of 8" in s for s in prepared) == 2, prepared  # LooperModels: both experts
+    assert len(streamed(log)) == 2 and all("D2H 0 B" in s for s in streamed(log)), streamed(log)
+    plain = _latent(server, f"{tag}_plain")
+    assert torch.isfinite(plain).all()
+    for name in ("swap", "looper"):
+        out = _latent(server, f"{tag}_{name}")
+        assert torch.equal(out, plain), (name, (out - plain).abs().max().item())
+
+    # Three more runs, models kept loaded (/free with unload_models and free_memory false), each with
+    # a new noise seed so the samplers run again while the loaders and the LooperModels node come
+    # from ComfyUI's cache: the prepared expert clones are reused across prompts.
+    seen = [plain]
+    for i, seed in enumerate((7, 8, 9)):
+        _req(server["base"], "/free", {"unload_models": False, "free_memory": False})
+        t = f"{tag}_r{i}"
+        start = len(server["log"].read_text())
+        entry = _run_entry(server, _moe_graph(t, {"plain": "plain", "looper": ("looper", 6)}, seed=seed))
+        cached = _cached_nodes(entry)
+        assert {"load_high", "load_low", "looper_prep"} <= cached, sorted(cached)
+        assert "looper_ks_high" not in cached and "looper_ks_low" not in cached, sorted(cached)
+        log = log_since(start)
+        assert "blocks streamed (" not in log, log[-3000:]  # nothing prepared again
+        assert len(streamed(log)) == 2, streamed(log)  # the cached clones streamed in both sampler calls
+        ref = _latent(server, f"{t}_plain")
+        out = _latent(server, f"{t}_looper")
+        assert torch.equal(out, ref), (seed, (out - ref).abs().max().item())
+        assert all(not torch.equal(ref, s) for s in seen), seed  # a new seed gives a new latent
+        seen.append(ref)
+
+    # The low expert matters: the same graph with the high expert as the low one differs.
+    one = _moe_graph(tag + "_one", {"plain": "plain"})
+    one["load_low"]["inputs"]["unet_name"] = MODEL
+    _run(server, one)
+    assert not torch.equal(_latent(server, f"{tag}_one_plain"), plain)
+
+
+# --- WanVideoLooper (SquirrelRat/WanVideoLooper) --------------------------------------------------
+# Needs the WanVideoLooper pack in COMFYUI_PATH/custom_nodes/WanVideoLooper (cloned or linked there before
+# the server starts); skipped otherwise. Its only pip requirement, color-matcher, is optional (used for
+# colour matching only, which these graphs leave disabled). The looper takes a CLIP, a VAE and a start
+# image besides the two experts: the VAE is a real ComfyUI WAN 2.1 VAE (VAELoader) with tiny random
+# weights (dim 8); the CLIP is a stand-in from the generated pack below (a umT5 text encoder is 5.7B
+# parameters with a fixed config, and ComfyUI's WAN reads 4096-dim text features). The experts are tiny
+# WAN 2.2 I2V-A14B-shaped models (in_dim 36: noise + the VAE-encoded start frames + mask, no CLIP-vision
+# projector), so every loop starts from the last frame of the previous one, as in real use.
+I2V_HIGH = "wan22bs_tiny_i2v_high.safetensors"
+I2V_LOW = "wan22bs_tiny_i2v_low.safetensors"
+TINY_VAE = "wan22bs_tiny_wan21_vae.safetensors"
+FAKES_PACK = "wan22bs_test_fakes"
+FAKES_SRC = '''"""Generated by wan22_blockswap's tests/test_comfyui_real.py on every run; do not edit.
+
+Test-only nodes for running WanVideoLooper headless with tiny models:
+  Wan22bsFakeUMT5Clip    -> CLIP: tokenize/encode_from_tokens/clone; the encoding of a text is
+                            randn(1, tokens, text_dim) seeded by crc32(text) (a umT5 stand-in).
+  Wan22bsSaveImageTensor -> output node: saves an IMAGE tensor exactly as <prefix>.images.safetensors.
+  Wan22bsCallProbe       -> MODEL: a clone with ON_PRE_RUN / ON_CLEANUP / ON_LOAD callbacks that print
+                            "[wan22bs-probe] <label> <event> patcher=<id>" (no effect on the numbers).
+"""
+import json
+import os
+import zlib
+
+import torch
+
+import folder_paths
+
+
+class FakeUMT5Clip:
+    def __init__(self, tokens, text_dim, scale):
+        self.tokens, self.text_dim, self.scale = tokens, text_dim, scale
+
+    def clone(self):
+        return FakeUMT5Clip(self.tokens, self.text_dim, self.scale)
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return {"text": text or ""}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        g = torch.Generator().manual_seed(zlib.crc32(tokens["text"].encode("utf-8")))
+        cond = torch.randn(1, self.tokens, self.text_dim, generator=g) * self.scale
+        if return_dict:
+            return {"cond": cond, "pooled_output": None}
+        return (cond, None) if return_pooled else cond
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        return [[self.encode_from_tokens(tokens), {"pooled_output": None}]]
+
+
+class Wan22bsFakeUMT5Clip:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tokens": ("INT", {"default": 16, "min": 1, "max": 512}),
+                             "text_dim": ("INT", {"default": 4096, "min": 1, "max": 8192}),
+                             "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "make"
+    CATEGORY = "testing/wan22bs"
+
+    def make(self, tokens, text_dim, scale):
+        return (FakeUMT5Clip(tokens, text_dim, scale),)
+
+
+class Wan22bsSaveImageTensor:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "images"})}}
+
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+    CATEGORY = "testing/wan22bs"
+
+    def save(self, images, filename_prefix):
+        from safetensors.torch import save_file
+
+        path = os.path.join(folder_paths.get_output_directory(), f"{filename_prefix}.images.safetensors")
+        save_file({"images": images.detach().cpu().contiguous()}, path)
+        return {"ui": {"text": [json.dumps({"path": path, "shape": list(images.shape)})]}}
+
+
+class Wan22bsCallProbe:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "label": ("STRING", {"default": "probe"})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "probe"
+    CATEGORY = "testing/wan22bs"
+
+    def probe(self, model, label):
+        from comfy.patcher_extension import CallbacksMP
+
+        m = model.clone()
+
+        def say(event, patcher):
+            print(f"[wan22bs-probe] {label} {event} patcher={id(patcher):#x}", flush=True)
+
+        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, "wan22bs_probe", lambda p: say("pre_run", p))
+        m.add_callback_with_key(CallbacksMP.ON_CLEANUP, "wan22bs_probe", lambda p: say("cleanup", p))
+        m.add_callback_with_key(CallbacksMP.ON_LOAD, "wan22bs_probe", lambda p, *a: say("load", p))
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {"Wan22bsFakeUMT5Clip": Wan22bsFakeUMT5Clip, "Wan22bsSaveImageTensor": Wan22bsSaveImageTensor,
+                       "Wan22bsCallProbe": Wan22bsCallProbe}
+'''
+
+
+def _tiny_wan21_vae_sd(dim=8, seed=11) -> dict:
+    """A WAN 2.1 VAE state dict with ``dim`` base channels (ComfyUI's VAE reads dim from
+    decoder.head.0.gamma), random weights scaled by fan-in so activations stay O(1)."""
+    import comfy.ldm.wan.vae as wan_vae
+
+    shapes = wan_vae.WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                            temperal_downsample=[False, True, True], image_channels=3,
+                            conv_out_channels=3).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, v in shapes.items():
+        if k.endswith("gamma"):
+            sd[k] = torch.ones(v.shape)
+        elif k.endswith("bias"):
+            sd[k] = torch.zeros(v.shape)
+        else:
+            sd[k] = torch.randn(v.shape, generator=g) * (v[0].numel() ** -0.5)
+    return sd
+
+
+def _write_looper_assets(comfy: Path) -> None:
+    """The two tiny I2V experts, the tiny VAE and the generated test-node pack (custom_nodes/FAKES_PACK)."""
+    from safetensors.torch import save_file
+
+    from wan22_blockswap import tiny_wan
+
+    models = comfy / "models" / "diffusion_models"
+    cfg = tiny_wan.tiny_config("t2v", dim=128, num_heads=1, ffn_dim=256, num_layers=8, text_dim=4096, in_dim=36)
+    for name, seed in ((I2V_HIGH, 6), (I2V_LOW, 7)):
+        sd = tiny_wan.WanModel(cfg).init_weights(seed).state_dict()
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(models / name))
+    vae_dir = comfy / "models" / "vae"
+    vae_dir.mkdir(parents=True, exist_ok=True)
+    if str(comfy) not in sys.path:  # comfy.ldm.wan.vae builds the key layout
+        sys.path.append(str(comfy))
+    save_file(_tiny_wan21_vae_sd(), str(vae_dir / TINY_VAE))
+    pack = comfy / "custom_nodes" / FAKES_PACK
+    if pack.is_symlink():
+        pack.unlink()
+    pack.mkdir(exist_ok=True)
+    (pack / "__init__.py").write_text(FAKES_SRC)
+
+
+@pytest.fixture(scope="module")
+def wan_looper(server):
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    where = comfy / "custom_nodes" / "WanVideoLooper"
+    if not where.exists():
+        pytest.skip(f"WanVideoLooper (github.com/SquirrelRat/WanVideoLooper) is not installed at {where}")
+    obj = _req(server["base"], "/object_info/WanVideoLooper")
+    assert "WanVideoLooper" in obj, "WanVideoLooper's nodes are not registered: " + server["log"].read_text()[-3000:]
+    assert TINY_VAE in _req(server["base"], "/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]
+    return obj["WanVideoLooper"]
+
+
+LOOPER_PROMPTS = ("a red fox in the snow", "the fox starts running", "the fox lies down and sleeps")
+
+
+def _looper_graph(tag, variants, seed=42, prompts=LOOPER_PROMPTS):
+    """WanVideoLooper graphs sharing the two I2V expert loaders, the VAE, the CLIP stand-in, the start
+    image and the prompt list; one looper per variant, its IMAGE saved as "<tag>_<variant>".
+    ``variants``: name -> "plain" (experts through a call probe) | ("looper", n) (wan22BlockSwapLooperModels)
+    | "seq" (WanVideoLoraSequencer: segment 1 plain experts, segment 2 with the tiny LoRA, the rest the
+    base experts) | ("seq_swap", n) (the same sequence through wan22BlockSwapSequencer) | ("seq_legacy", n)
+    (the same sequence through the loop-aware WAN22BlockSwapLooper)."""
+    g = {"load_high": {"class_type": "UNETLoader", "inputs": {"unet_name": I2V_HIGH, "weight_dtype": "default"}},
+         "load_low": {"class_type": "UNETLoader", "inputs": {"unet_name": I2V_LOW, "weight_dtype": "default"}},
+         "clip": {"class_type": "Wan22bsFakeUMT5Clip", "inputs": {"tokens": 16, "text_dim": 4096, "scale": 1.0}},
+         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}},
+         "img": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x9040C0}},
+         "prompts": {"class_type": "WanVideoLooperPrompts", "inputs": {
+             "prompts": "\n".join(prompts), "negative_prompt": "blurry, static", "enable_prefix_suffix": False,
+             "prefix": "", "suffix": ""}}}
+    high, low = ["load_high", 0], ["load_low", 0]
+    if any(v == "seq" or v[0] in ("seq_swap", "seq_legacy") for v in variants.values()):
+        lora = {"lora_name": LORA, "strength_model": 0.8}
+        g["lora_high"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": high, **lora}}
+        g["lora_low"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": low, **lora}}
+        g["sequence"] = {"class_type": "WanVideoLoraSequencer", "inputs": {
+            "model_high_1": high, "model_low_1": low, "model_high_2": ["lora_high", 0], "model_low_2": ["lora_low", 0]}}
+    for name, how in variants.items():
+        extra = {}
+        h, lo = high, low
+        if how == "plain":
+            g[f"{name}_probe_high"] = {"class_type": "Wan22bsCallProbe", "inputs": {"model": high, "label": f"{tag}_{name}_high"}}
+            g[f"{name}_probe_low"] = {"class_type": "Wan22bsCallProbe", "inputs": {"model": low, "label": f"{tag}_{name}_low"}}
+            h, lo = [f"{name}_probe_high", 0], [f"{name}_probe_low", 0]
+        elif how == "seq":
+            extra = {"model_clip_sequence": ["sequence", 0]}
+        elif how[0] == "looper":
+            cls, inputs = _looper_models(how[1], debug=True)
+            g[f"{name}_prep"] = {"class_type": cls, "inputs": {"model_high": high, "model_low": low, **inputs}}
+            h, lo = [f"{name}_prep", 0], [f"{name}_prep", 1]
+        elif how[0] == "seq_swap":
+            cls, inputs = _looper_models(how[1], debug=True)
+            g[f"{name}_prep"] = {"class_type": "wan22BlockSwapSequencer", "inputs": {
+                "model_clip_sequence": ["sequence", 0], **inputs}}
+            extra = {"model_clip_sequence": [f"{name}_prep", 0]}
+        elif how[0] == "seq_legacy":
+            cls, inputs = _looper_models(how[1], debug=True)
+            g[f"{name}_prep"] = {"class_type": "WAN22BlockSwapLooper", "inputs": {
+                "models_list": ["sequence", 0], **inputs}}
+            extra = {"model_clip_sequence": [f"{name}_prep", 0]}
+        else:
+            raise ValueError(how)
+        g[f"{name}_looper"] = {"class_type": "WanVideoLooper", "inputs": {
+            "model_high": h, "model_low": lo, "clip": ["clip", 0], "vae": ["vae", 0], "start_image": ["img", 0],
+            "positive_prompts": ["prompts", 0], "negative_prompt": ["prompts", 1], "seed": seed, "steps": 6,
+            "cfg_motion_noise": 4.0, "cfg_noise": 3.0, "sampler_name": "euler", "scheduler": "simple",
+            "model_switch_point": 0.9, "sigma_shift": 8.0, "denoise": 1.0, "width": 64, "height": 64,
+            "frame_merge": 1, "duration_sec": 1, "color_match_method": "Disabled",
+            "color_match_reference_frame": "First Frame", "color_match_strength": 1.0, "enable_dry_run": False,
+            **extra}}
+        g[f"{name}_save"] = {"class_type": "Wan22bsSaveImageTensor", "inputs": {
+            "images": [f"{name}_looper", 0], "filename_prefix": f"{tag}_{name}"}}
+    return g
+
+
+def _images(server, prefix):
+    from safetensors.torch import load_file
+
+    return load_file(str(server["out"] / f"{prefix}.images.safetensors"))["images"]
+
+
+def test_wan_video_looper_identical_with_looper_models_and_sequencer(server, wan_looper):
+    import re
+
+    tag = f"wvl{uuid.uuid4().hex[:6]}"
+    start = len(server["log"].read_text())
+    t0 = time.time()
+    _run(server, _looper_graph(tag, {"plain": "plain", "looper": ("looper", 6), "seq": "seq",
+                                     "seq_swap": ("seq_swap", 5), "seq_legacy": ("seq_legacy", 4)}))
+    elapsed = time.time() - t0
+    log = server["log"].read_text()[start:]
+    loops = len(LOOPER_PROMPTS)
+    frames = 17 + (loops - 1) * 16  # duration_sec 1 = 17 frames per loop, frame_merge 1 dropped after the first
+    plain = _images(server, f"{tag}_plain")
+    assert plain.shape == (frames, 64, 64, 3) and torch.isfinite(plain).all(), plain.shape
+    assert plain.std() > 0.05  # not a flat image: the comparison below sees the pixels
+    looper = _images(server, f"{tag}_looper")
+    assert torch.equal(looper, plain), (looper - plain).abs().max().item()
+    seq = _images(server, f"{tag}_seq")
+    for name in ("seq_swap", "seq_legacy"):
+        out = _images(server, f"{tag}_{name}")
+        assert torch.equal(out, seq), (name, (out - seq).abs().max().item())
+    # segment 1 of the sequence is the plain experts, segment 2 carries the LoRA
+    assert torch.equal(seq[:17], plain[:17])
+    assert not torch.equal(seq[17:33], plain[17:33])
+
+    # The looper's call pattern, seen by the probe on the plain experts: per loop two high-noise
+    # sampler calls (step 0 with cfg_motion_noise, then up to the switch step) and one low-noise
+    # call, always on the same two patchers (it clones each expert once, before the first loop).
+    probe = re.findall(rf"\[wan22bs-probe\] {tag}_plain_(high|low) (pre_run|cleanup|load) patcher=(0x[0-9a-f]+)", log)
+    pre = [(e, p) for e, ev, p in probe if ev == "pre_run"]
+    assert [e for e, _ in pre] == ["high", "high", "low"] * loops, probe
+    assert len({p for e, p in pre if e == "high"}) == 1 and len({p for e, p in pre if e == "low"}) == 1, pre
+    assert sum(ev == "cleanup" for _, ev, _ in probe) == 3 * loops, probe
+    # every sampler call of the swapped variants ends with one block-swap summary (ON_CLEANUP): all
+    # loops of the LooperModels variant (6 blocks), and segments 1-2 of the sequence variant (5
+    # blocks; segment 3 is empty in the sequence, so the looper uses its unswapped base experts)
+    summaries = [s for s in log.splitlines() if "units streamed" in s and "D2H" in s]
+    assert sum("6 units streamed" in s for s in summaries) == 3 * loops, summaries
+    assert sum("5 units streamed" in s for s in summaries) == 3 * 2, summaries
+    assert sum("4 units streamed" in s for s in summaries) == 3 * 2, summaries
+    assert all("D2H 0 B" in s for s in summaries), summaries
+    loads = [line.split("Requested to load ")[1].strip() for line in log.splitlines() if "Requested to load" in line]
+    print(f"\n[looper] 5 looper runs x {loops} loops in {elapsed:.1f} s; plain experts: "
+          f"{sum(ev == 'pre_run' for _, ev, _ in probe)} sampler calls on 2 patchers, "
+          f"{sum(ev == 'load' for _, ev, _ in probe)} ON_LOAD; 'Requested to load' in the prompt: {loads}")
