@@ -40,11 +40,23 @@ from .utils import as_device, format_bytes, get_logger, host_available_bytes
 log = get_logger("engine")
 
 ALIGN = 256  # bytes; keeps every view aligned for any dtype and for vectorised kernels
+PAGE = 4096  # host page: pinned masters start and end on page boundaries
 MAX_PENDING_TIMINGS = 4096  # CUDA timing events waiting to be read; older ones are dropped
+STALL_THRESHOLD_MS = 0.05  # a measured wait longer than this counts as a stall
 
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def check_streamable(param: torch.Tensor, unit_name: str) -> None:
+    """Raise :class:`BlockSwapError` for a parameter the engine cannot pack and rebind: a wrapper
+    tensor subclass (``__torch_dispatch__``, e.g. ComfyUI's QuantizedTensor for fp8_scaled files)
+    has no storage of its own."""
+    if getattr(type(param), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
+        raise BlockSwapError(
+            f"{unit_name} holds {type(param).__name__} weights (e.g. an fp8_scaled checkpoint), which "
+            "block swap cannot stream yet; use the plain fp16/bf16/fp8 file or a GGUF file.")
 
 
 def packed_bytes(module: nn.Module) -> int:
@@ -212,6 +224,8 @@ class BlockSwapEngine:
         self._trace: List[int] = []
         self._pos = 0
         self._bound: Set[_Unit] = set()  # units whose parameters point into a slot right now
+        self._in_forward = False
+        self._release_pending = False
         self._hooks: List = []
         self._is_setup = False
         # Called as slot_transform(unit_name) right after a unit is bound to freshly copied slot
@@ -285,7 +299,11 @@ class BlockSwapEngine:
 
     def release_ring(self) -> None:
         """Free the device ring but keep the host masters bound: the model stays usable on the host
-        and a later :meth:`setup` only re-allocates the ring."""
+        and a later :meth:`setup` only re-allocates the ring. Inside a forward (a garbage-collected
+        clone's ON_DETACH can fire anywhere) the release waits for the forward's end."""
+        if self._in_forward:
+            self._release_pending = True
+            return
         if not self._slots:
             return
         self._sync()
@@ -330,6 +348,7 @@ class BlockSwapEngine:
             self._drain_timings()
 
     def _refresh(self) -> None:
+        self._sync()  # old masters and slots may still be read by work in flight
         self._evict_bound()
         stale = [u for u in self._units if not self._intact(u)]
         if stale:
@@ -364,7 +383,7 @@ class BlockSwapEngine:
     def _update_host_bytes(self) -> None:
         t = self.tracker
         t.host_bytes = sum(u.nbytes for u in self._units if u.master is not None)
-        t.pinned_bytes = sum(u.nbytes for u in self._units if u.pinned)
+        t.pinned_bytes = sum(self._pinned_ptrs.values())
 
     def attach_hooks(self) -> None:
         """Install per-instance module hooks (no global patching) that drive the schedule."""
@@ -395,6 +414,7 @@ class BlockSwapEngine:
 
     # ------------------------------------------------------------------ schedule
     def begin_forward(self) -> None:
+        self._in_forward = True
         self._evict_bound()
         self._trace.clear()
         self._pos = 0
@@ -409,10 +429,16 @@ class BlockSwapEngine:
         self.tracker.forwards += 1
         if self._pending_timings:
             self._drain_timings()
+        self._in_forward = False
+        if self._release_pending:
+            self._release_pending = False
+            self.release_ring()
 
     def before_unit(self, index: int) -> None:
         """Make unit ``index`` resident in a slot and point its parameters there; prefetch ahead."""
         t0 = time.perf_counter()
+        if not self._slots:  # released since the last use: bring the ring back
+            self._alloc_ring()
         u = self._units[index]
         if len(self._trace) < 4 * len(self._order) + 16:  # bounded even without begin/end calls
             self._trace.append(index)
@@ -427,7 +453,11 @@ class BlockSwapEngine:
         fresh = not u.used_since_copy
         self._bind_slot(u)
         if fresh and self.slot_transform is not None:
-            self.slot_transform(u.name)
+            try:
+                self.slot_transform(u.name)
+            except BaseException:
+                self._drop_slot(u)  # half-patched: never reuse it
+                raise
         for v in upcoming:
             if self._units[v].slot is None:
                 self._fetch(self._units[v], protect)
@@ -446,6 +476,15 @@ class BlockSwapEngine:
     def _evict_bound(self) -> None:
         for u in list(self._bound):
             self._bind_host(u)
+
+    def _drop_slot(self, u: _Unit) -> None:
+        k = u.slot
+        if self._async:
+            self._free_ev[k].record(torch.cuda.current_stream(self.compute_device))
+        self._bind_host(u)
+        u.slot, u.used_since_copy = None, False
+        self._slot_owner[k] = None
+        self.tracker.slot_owner[k] = None
 
     def _upcoming(self, index: int) -> List[int]:
         """The next distinct units expected after ``index`` (wrapping into the next forward)."""
@@ -523,14 +562,16 @@ class BlockSwapEngine:
             return
         ev = self._copy_ev[u.slot]
         stream = torch.cuda.current_stream(self.compute_device)
-        if was_slotted and ev.query():
-            t.prefetch_hits += 1
-            return
-        t.stalls += 1
-        start = self._timing_event(stream)
+        # The host runs ahead of the GPU, so whether the copy is done *now* says nothing about a
+        # stall; the timed wait, read later, does. Without timing a prefetched unit counts as a hit.
+        start = self._timing_event(stream) if was_slotted else None
         stream.wait_event(ev)
-        if start is not None:
-            self._add_timing("stall", u.name, start, self._timing_event(stream))
+        if not was_slotted:
+            t.stalls += 1  # fetched on demand: compute certainly waits for this copy
+        elif start is not None:
+            self._add_timing("wait", u.name, start, self._timing_event(stream))
+        else:
+            t.prefetch_hits += 1
 
     def _bind_slot(self, u: _Unit) -> None:
         k = u.slot
@@ -563,6 +604,7 @@ class BlockSwapEngine:
         entries: List[_Entry] = []
         offset = 0
         for p in self._unit_params(u):
+            check_streamable(p, u.name)
             size = tuple(torch.Tensor.size(p))
             nbytes = tensor_bytes(p)
             entries.append(_Entry(p, offset, nbytes, p.dtype, size,
@@ -574,6 +616,7 @@ class BlockSwapEngine:
                 f"{u.name} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
                 "load the model fully onto one device before enabling block swap.")
         u.entries, u.nbytes = entries, offset
+        u.slot_views = {}  # the layout may have changed: views of the old one are wrong
 
     @staticmethod
     def _unit_params(u: _Unit) -> List[torch.Tensor]:
@@ -604,26 +647,53 @@ class BlockSwapEngine:
                 "Swap fewer blocks, close other programs, or use a smaller (fp8/GGUF) model.")
 
     def _pack(self, u: _Unit) -> None:
-        u.master = torch.empty(u.nbytes, dtype=torch.uint8, device=self.offload_device)
-        u.pinned = self._pin(u.master)
-        u.host_views = self._views(u.master, u)
-        for e, v in zip(u.entries, u.host_views):
-            v.copy_(e.param.data)
+        # Filled before it is attached to the unit: if a copy fails, the unit keeps its old
+        # storage and nothing is restored from a half-filled buffer.
+        master = self._host_buffer(u.nbytes)
+        views = self._views(master, u)
+        try:
+            for e, v in zip(u.entries, views):
+                v.copy_(e.param.data)
+        except BaseException:
+            del views
+            self._unpin_buffer(master)
+            raise
+        for e in u.entries:
             if e.device.type != "cpu" and self.offload_device.type == "cpu":
                 self.tracker.setup_d2h_bytes += e.nbytes
-        for e, v in zip(u.entries, u.host_views):
+        for e, v in zip(u.entries, views):
             e.param.data = v
+        u.master, u.host_views, u.pinned = master, views, master.data_ptr() in self._pinned_ptrs
 
     @staticmethod
     def _views(buf: torch.Tensor, u: _Unit) -> List[torch.Tensor]:
         return [buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.size) for e in u.entries]
 
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host master of ``nbytes``. Where it will be pinned it starts on a page boundary and
+        spans whole pages, so two registrations never share a page (small allocations come from
+        the heap and would); then it is registered at that exact size."""
+        if not (self._async and self.offload_device.type == "cpu" and nbytes > 0):
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.offload_device)
+        rounded = (nbytes + PAGE - 1) // PAGE * PAGE
+        raw = torch.empty(rounded + PAGE, dtype=torch.uint8)
+        start = (-raw.data_ptr()) % PAGE
+        master = raw[start:start + rounded]  # the view keeps `raw`'s storage alive
+        self._pin(master)
+        return master[:nbytes]
+
+    def _unpin_buffer(self, master: torch.Tensor) -> None:
+        ptr = master.data_ptr()
+        size = self._pinned_ptrs.pop(ptr, None)
+        if size is not None:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+            self.tracker.pinned_bytes -= size
+
     def _pin(self, master: torch.Tensor) -> bool:
         """Page-lock ``master`` at its exact size (the caching host allocator would round it up to a
-        power of two). Returns False, with the reason logged once, where pinning is off or failed."""
+        power of two). Returns False, with the reason logged once, where pinning failed or the
+        budget is spent."""
         t = self.tracker
-        if not (self._async and master.device.type == "cpu" and master.numel() > 0):
-            return False
         budget = self.settings.pin_budget_bytes
         if budget is not None and t.pinned_bytes + master.numel() > budget:
             self._pageable(f"pin budget of {format_bytes(budget)} reached")
@@ -631,6 +701,7 @@ class BlockSwapEngine:
         # flag 1 = cudaHostRegisterPortable: pinned for every CUDA context, as ComfyUI registers too
         rc = torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.numel(), 1)
         if int(rc) != 0:
+            _discard_cuda_error()
             self._pageable(f"cudaHostRegister failed with CUDA error {int(rc)}")
             return False
         t.pinned_bytes += master.numel()
@@ -639,11 +710,8 @@ class BlockSwapEngine:
 
     def _unpin(self, u: _Unit) -> None:
         if u.pinned:
-            ptr = u.master.data_ptr()
-            if self._pinned_ptrs.pop(ptr, None) is not None:
-                torch.cuda.cudart().cudaHostUnregister(ptr)
+            self._unpin_buffer(u.master)
             u.pinned = False
-            self.tracker.pinned_bytes -= u.nbytes
 
     def _pageable(self, reason: str) -> None:
         if not self.tracker.pageable_reason:
@@ -733,8 +801,15 @@ class BlockSwapEngine:
         keep = []
         for kind, name, start, end in self._pending_timings:
             if end.query():
-                table = self.tracker.copy_ms if kind == "copy" else self.tracker.stall_ms
-                table[name] = table.get(name, 0.0) + start.elapsed_time(end)
+                ms = start.elapsed_time(end)
+                if kind == "copy":
+                    self.tracker.copy_ms[name] = self.tracker.copy_ms.get(name, 0.0) + ms
+                else:  # a wait: a stall if compute really waited for the copy
+                    self.tracker.stall_ms[name] = self.tracker.stall_ms.get(name, 0.0) + ms
+                    if ms > STALL_THRESHOLD_MS:
+                        self.tracker.stalls += 1
+                    else:
+                        self.tracker.prefetch_hits += 1
             else:
                 keep.append((kind, name, start, end))
         self._pending_timings = keep
@@ -781,6 +856,17 @@ class SharedRing:
         if self.holder() is engine:
             self._owner = None
             self._buffers = []
+
+
+def _discard_cuda_error() -> None:
+    """A failed cudaHostRegister leaves the CUDA runtime's last error set, and torch's next kernel
+    launch check would report it in unrelated code: read it off once, here."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError as err:  # the stale error surfaces here, where we expect it
+        log.debug("block swap: cleared a CUDA error left by a failed registration: %s", err)
 
 
 def _unregister_all(pinned: Dict[int, int]) -> None:

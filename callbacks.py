@@ -39,12 +39,13 @@ import itertools
 import logging
 import uuid
 import weakref
+from dataclasses import replace
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .block_manager import BlockSwapEngine, SharedRing, packed_bytes
+from .block_manager import BlockSwapEngine, SharedRing, check_streamable, packed_bytes
 from .config import SwapPlan, tensor_bytes, unwrap
 from .utils import device_memory, format_bytes, get_logger
 
@@ -131,7 +132,7 @@ class SwapController:
         # a fresh uuid makes ComfyUI unpatch another clone's weights before loading this one.
         patcher.patches_uuid = uuid.uuid4()
         streamed = sum(tensor_bytes(p) for t in self.targets.values() for p in t.parameters())
-        patcher.size = max(0, patcher.model_size() - streamed) + self.ring_bytes()
+        patcher.size = max(0, full_model_size(patcher) - streamed) + self.ring_bytes()
         self._patcher_ref = weakref.ref(patcher)
 
     def ring_bytes(self) -> int:
@@ -148,14 +149,17 @@ class SwapController:
         if model is None:
             raise RuntimeError("block swap: the diffusion model this node prepared no longer exists")
         device = patcher.load_device
+        # Host masters live in RAM even where ComfyUI keeps models on the GPU (--highvram).
+        offload = patcher.offload_device if patcher.offload_device.type == "cpu" else torch.device("cpu")
         engine = _ENGINES.get(model)
-        if engine is not None and (engine.plan != self.plan or engine.compute_device.type != device.type):
+        if engine is not None and (engine.plan.units != self.plan.units or engine.plan.slots != self.plan.slots
+                                   or engine.settings.use_non_blocking != self.plan.settings.use_non_blocking or engine.compute_device.type != device.type):
             # Another BlockSwap node with other settings used these weights last.
-            engine.teardown(device=patcher.offload_device)
+            engine.teardown(device=offload)
             engine = None
         if engine is None:
-            engine = BlockSwapEngine(model, self.plan, device, patcher.offload_device,
-                                     unit_modules=self.targets)
+            engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings)),
+                                     device, offload, unit_modules=self.targets)
             _ENGINES[model] = engine
         engine.use_shared_ring(self.ring)
         engine.ring_listener = self._ring_changed
@@ -235,6 +239,8 @@ class SwapController:
 
     def on_pre_run(self, patcher) -> None:
         self.prepare(patcher).tracker.reset_counters()
+        if patcher.load_device.type == "cuda":  # the run summary's peak is this run's
+            torch.cuda.reset_peak_memory_stats(patcher.load_device)
 
     def ready_engine(self) -> BlockSwapEngine:
         """The engine, prepared lazily when a forward comes without an ON_PRE_RUN before it
@@ -297,6 +303,30 @@ class SwapController:
             log.exception("block swap: releasing the device ring failed")
 
 
+def full_model_size(patcher) -> int:
+    """Raw bytes of every parameter and buffer of the model, those behind stand-ins included, so a
+    clone that went through a BlockSwap node before is not reduced twice. Counted from the tensors
+    (not the state dict: ComfyUI-GGUF's holds placeholders for quantized weights)."""
+    m = patcher.model
+    visible = sum(tensor_bytes(t) for t in itertools.chain(m.parameters(), m.buffers()))
+    hidden = sum(tensor_bytes(p) for mod in m.modules() if isinstance(mod, StreamedUnit)
+                 for p in mod.swapped_module.parameters())
+    return visible + hidden
+
+
+def with_pin_budget(settings):
+    """Cap pinning at what ComfyUI still allows (it limits pinned RAM, e.g. about 40 % on Windows)
+    unless the settings name a budget; beyond it masters stay pageable, with a log line."""
+    if settings.pin_budget_bytes is not None:
+        return settings
+    import comfy.model_management as mm
+
+    cap = getattr(mm, "MAX_PINNED_MEMORY", -1)
+    if cap is None or cap <= 0:
+        return settings
+    return replace(settings, pin_budget_bytes=max(0, int(cap - getattr(mm, "TOTAL_PINNED_MEMORY", 0))))
+
+
 def is_gguf_quantized(param) -> bool:
     """A ComfyUI-GGUF tensor holding quantized bytes (its F32/F16 tensors behave as plain ones)."""
     qtype = getattr(param, "tensor_type", None)
@@ -335,10 +365,14 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     layout = detect_layout(diffusion_model)
     settings = clamp_settings(settings, layout)
     plan = plan_swap(layout, settings)
+    for name in plan.units:  # refuse what cannot stream now, not in the middle of a run
+        for p in unwrap(diffusion_model.get_submodule(name)).parameters():
+            check_streamable(p, name)
     from .looper_helpers import reset_model_blockswap_state
 
     clone = patcher.clone()
     reset_model_blockswap_state(clone)
+    clone.size = full_model_size(clone)
     if not plan.units:
         text = f"Block swap off: all {layout.num_blocks} blocks resident."
         log.info("block swap: %s", text)

@@ -325,3 +325,99 @@ def test_slot_transform_runs_once_per_fresh_copy():
     denoise(model, inputs, steps=1)
     assert calls[2:] == ["blocks.6", "blocks.7"]
     engine.teardown()
+
+
+class _WrapperTensor(torch.Tensor):
+    """A __torch_dispatch__ wrapper subclass, shaped like ComfyUI's QuantizedTensor (fp8_scaled)."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, _WrapperTensor) else t  # noqa: E731
+        out = func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+        # nn.Parameter needs detach() to keep the type, as a real quantized wrapper does
+        return _WrapperTensor(out) if func is torch.ops.aten.detach.default else out
+
+
+def test_wrapper_subclass_weights_are_refused_before_anything_is_touched():
+    model, _ = comfy_layout_model("t2v")
+    lin = model.blocks[7].ffn[0]
+    lin.weight = nn.Parameter(_WrapperTensor(lin.weight.detach().clone()), requires_grad=False)
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters() if n != "blocks.7.ffn.0.weight"}
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu")
+    with pytest.raises(BlockSwapError, match=r"blocks\.7 holds _WrapperTensor weights.*fp8_scaled"):
+        engine.setup()
+    assert {n: p.data_ptr() for n, p in model.named_parameters() if n != "blocks.7.ffn.0.weight"} == ptrs
+
+
+def test_a_failed_pack_restores_earlier_units_and_leaves_the_failing_one_alone():
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    model.blocks[7].to("meta")  # packing cannot copy out of meta tensors
+    snap = {n: p.detach().clone() for n, p in model.named_parameters() if not p.is_meta}
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu")
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        engine.setup()
+    assert all(p.is_meta for p in model.blocks[7].parameters())
+    for n, p in model.named_parameters():
+        if not p.is_meta:
+            assert torch.equal(p.detach(), snap[n]), n
+    assert not engine.is_setup and engine.device_bytes == 0
+    del reference
+
+
+def test_repack_after_a_dtype_change_does_not_reuse_old_views():
+    model, inputs = comfy_layout_model("t2v")
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=2), "cpu").setup()
+    denoise(model, inputs, steps=1)
+    engine.release_ring()
+    bias = model.blocks[7].ffn[2].bias
+    bias.data = bias.data.to(torch.bfloat16).float().to(torch.bfloat16)  # someone else changed it
+    engine.teardown()
+    expected = denoise(model, inputs)  # the model as it is now, no swapping
+    engine.setup()
+    engine.release_ring()
+    bias.data = bias.data.clone()
+    engine.setup()  # repacks block 7 with the same layout: cached slot views must not survive
+    assert all(torch.equal(a, b) for a, b in zip(expected, denoise(model, inputs)))
+    engine.teardown()
+
+
+def test_a_failing_slot_transform_never_leaves_a_half_patched_slot():
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=2), "cpu").setup()
+    calls = []
+
+    def transform(name):
+        calls.append(name)
+        block = model.get_submodule(name)
+        block.ffn[0].weight.data.mul_(2)  # half of a patch...
+        if len(calls) == 1:
+            raise RuntimeError("patch failed")
+        block.ffn[0].weight.data.div_(2)  # ...and a transform that, done fully, changes nothing
+
+    engine.set_slot_transform(transform, tag="t")
+    with pytest.raises(RuntimeError, match="patch failed"):
+        denoise(model, inputs, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(reference, denoise(model, inputs)))
+    assert calls.count("blocks.6") >= 2  # the failed slot was copied and transformed again
+    engine.teardown()
+
+
+def test_ring_release_requested_inside_a_forward_waits_for_its_end():
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=4), "cpu").setup()
+    h = model.blocks[5].register_forward_pre_hook(lambda m, a: engine.release_ring())
+    outs = denoise(model, inputs)
+    h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+    assert engine.device_bytes == 0  # released once the last forward ended
+    engine.teardown()

@@ -240,3 +240,24 @@ def test_gguf_like_quantized_weights_stream_as_stored_and_keep_patches(lora):
     assert w.dtype == torch.uint8 and engine.tracker.h2d_bytes > 0  # raw bytes were streamed
     assert w.patches == []  # attached LoRA patches are taken back at detach / next preparation
     assert torch.equal(sample(model), sample(swap(model, 6)))  # no stale LoRA afterwards
+
+
+def test_chaining_the_node_does_not_shrink_the_size_twice():
+    model = load()
+    assert swap(swap(model, 8), 3).model_size() == swap(model, 3).model_size()
+    assert swap(swap(model, 8), 0).model_size() == swap(model, 0).model_size()
+
+
+def test_unstreamable_weights_are_refused_at_the_node_and_the_input_keeps_working():
+    from test_engine import _WrapperTensor
+
+    model = load()
+    reference = sample(model)
+    dm = model.model.diffusion_model
+    lin = dm.blocks[7].ffn[0]
+    original = lin.weight
+    lin.weight = torch.nn.Parameter(_WrapperTensor(original.detach().clone()), requires_grad=False)
+    with pytest.raises(ValueError, match="cannot stream yet"):
+        swap(model, 4)
+    lin.weight = original
+    assert torch.equal(sample(model), reference)
