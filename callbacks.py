@@ -163,11 +163,23 @@ class SwapController:
             _ENGINES[model] = engine
         engine.use_shared_ring(self.ring)
         engine.ring_listener = self._ring_changed
+        self._make_room_for_ring(patcher, engine)
         engine.setup(install_hooks=False)
         self._patcher_ref = weakref.ref(patcher)
         self._set_weight_patches(patcher, engine)
         self.account(patcher, engine)
         return engine
+
+    def _make_room_for_ring(self, patcher, engine: BlockSwapEngine) -> None:
+        """When ComfyUI could load the model only partially, its budget is already spent on resident
+        modules, and a ring allocated on top would eat the activation reserve: ask ComfyUI to
+        offload the ring's worth of resident weights first (its own partial-unload path)."""
+        if engine.device_bytes or not getattr(patcher.model, "model_lowvram", False):
+            return
+        need = self.ring_bytes()
+        freed = patcher.partially_unload(patcher.offload_device, need)
+        log.info("block swap: model only partly fits; ComfyUI offloaded %s of resident weights to "
+                 "make room for the %s ring", format_bytes(freed or 0), format_bytes(need))
 
     def _unit_of(self, key: str) -> Optional[str]:
         if not key.startswith("diffusion_model."):

@@ -261,3 +261,21 @@ def test_unstreamable_weights_are_refused_at_the_node_and_the_input_keeps_workin
         swap(model, 4)
     lin.weight = original
     assert torch.equal(sample(model), reference)
+
+
+def test_partial_load_makes_room_for_the_ring(caplog, monkeypatch):
+    if not hasattr(mm, "STUB_VRAM_BYTES"):
+        pytest.skip("needs the stand-in's simulated VRAM budget (a real CPU never loads partially)")
+    model = load()
+    reference = sample(model)
+    mm.unload_all_models()
+    swapped = swap(model, 4)
+    # a card that holds only part of the resident blocks: ComfyUI loads partially (lowvram)
+    monkeypatch.setattr(mm, "STUB_VRAM_BYTES", swapped.model_size() // 2)
+    monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", 0)
+    monkeypatch.setattr(mm, "MINIMUM_INFERENCE_BASE", 0)
+    with caplog.at_level("INFO", logger="wan22_blockswap"):
+        out = sample(swapped)
+    assert torch.equal(out, reference)
+    assert swapped.model.model_lowvram
+    assert any("make room for the" in r.getMessage() for r in caplog.records)
