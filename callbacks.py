@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .block_manager import BlockSwapEngine, SharedRing, check_streamable, packed_bytes
-from .config import SwapPlan, tensor_bytes, unwrap
+from .config import BlockSwapError, SwapPlan, tensor_bytes, unwrap
 from .utils import device_memory, format_bytes, get_logger
 
 log = get_logger("comfy")
@@ -198,6 +198,13 @@ class SwapController:
         applies when it dequantizes; its own ``patch_weight_to_device`` attaches them (and the
         attribute survives our rebinding). Every other patched key is patched in the slot.
         """
+        for group in getattr(patcher, "hook_patches", {}).values():
+            streamed = [key for key in group if self._unit_of(key)]
+            if streamed:  # ComfyUI applies these by replacing parameters of the hidden blocks
+                raise BlockSwapError(
+                    f"hook-based LoRA (Create Hook LoRA / conditioning hooks) patches streamed block "
+                    f"weights ({streamed[0]}...), which block swap does not support yet; load the LoRA "
+                    "with LoraLoaderModelOnly instead, or swap fewer blocks.")
         slot_keys: Dict[str, List[str]] = {}
         self._clear_attached()
         for key, patches in patcher.patches.items():

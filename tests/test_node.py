@@ -279,3 +279,11 @@ def test_partial_load_makes_room_for_the_ring(caplog, monkeypatch):
     assert torch.equal(out, reference)
     assert swapped.model.model_lowvram
     assert any("make room for the" in r.getMessage() for r in caplog.records)
+
+
+def test_hook_lora_on_streamed_blocks_is_refused_clearly():
+    model = load()
+    swapped = swap(model, 4).clone()
+    swapped.hook_patches = {"hook": {"diffusion_model.blocks.7.ffn.0.weight": [("diff", None)]}}
+    with pytest.raises(ValueError, match="hook-based LoRA .* LoraLoaderModelOnly"):
+        sample(swapped)
