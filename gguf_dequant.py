@@ -111,7 +111,8 @@ def _type_name(qtype) -> str:
     return key
 
 
-def _shape(shape) -> tuple[int, ...]:
+def check_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, or GGUFFormatError."""
     try:
         dims = tuple(int(s) for s in shape)
     except TypeError as e:
@@ -127,7 +128,7 @@ def block_size(qtype) -> tuple[int, int]:
 
 
 def _layout(qtype, shape) -> tuple[str, tuple[int, ...], int, int]:
-    name, dims = _type_name(qtype), _shape(shape)
+    name, dims = _type_name(qtype), check_shape(shape)
     per_block, nbytes = _SIZES[name]
     last = dims[-1] if dims else 1
     if last % per_block:

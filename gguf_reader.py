@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 
 import torch
 
-from .gguf_dequant import SUPPORTED, GGUFFormatError, _type_name, block_size, check_raw, dequantize
+from .gguf_dequant import SUPPORTED, GGUFFormatError, _type_name, block_size, check_raw, check_shape, dequantize
 
 __all__ = ["GGUFTensor", "load_gguf_state_dict", "write_tiny_gguf", "check_tensor_type",
            "ORIG_SHAPE_KEY", "KEY_PREFIXES"]
@@ -111,7 +111,7 @@ class GGUFTensor(torch.Tensor):
         ``shape``: logical shape, torch order. Raises GGUFFormatError otherwise.
         """
         name = _type_name(tensor_type)
-        dims = torch.Size(_dims(shape))
+        dims = torch.Size(check_shape(shape))
         if not isinstance(raw, torch.Tensor):
             raise GGUFFormatError(f"raw GGUF data must be a uint8 torch.Tensor, got {type(raw).__name__}")
         plain = raw.as_subclass(torch.Tensor) if type(raw) is not torch.Tensor else raw
@@ -175,16 +175,6 @@ class GGUFTensor(torch.Tensor):
         shape = tuple(self.shape)
         return (f"GGUFTensor(type={getattr(self, 'tensor_type', None)}, shape={shape}, "
                 f"raw_bytes={torch.Tensor.numel(self)}, device={self.device}, patches={len(getattr(self, 'patches', ()))})")
-
-
-def _dims(shape) -> Tuple[int, ...]:
-    try:
-        dims = tuple(int(s) for s in shape)
-    except TypeError as e:
-        raise GGUFFormatError(f"shape must be a sequence of ints, got {shape!r}") from e
-    if any(s < 0 for s in dims):
-        raise GGUFFormatError(f"shape has a negative dimension: {dims}")
-    return dims
 
 
 # ---------------------------------------------------------------------------------------------
