@@ -313,11 +313,9 @@ class BlockSwapEngine:
     def invalidate_slots(self) -> None:
         """Forget what the slots hold (after the slot transform changed, e.g. new LoRA patches)."""
         self._evict_bound()
-        for k, owner in enumerate(self._slot_owner):
+        for owner in self._slot_owner:
             if owner is not None:
-                self._units[owner].slot = None
-                self._slot_owner[k] = None
-                self.tracker.slot_owner[k] = None
+                self._drop_slot(self._units[owner])
 
     def set_slot_transform(self, fn: Optional[Callable[[str], None]], tag=None) -> None:
         """Install the slot transform; a different ``tag`` (e.g. another LoRA set) drops what the
@@ -444,12 +442,10 @@ class BlockSwapEngine:
             self._trace.append(index)
         upcoming = self._upcoming(index)
         protect = {index, *upcoming}
-        if u.slot is None:
+        was_slotted = u.slot is not None
+        if not was_slotted:
             self._fetch(u, protect)
-            ready = False
-        else:
-            ready = True
-        self._wait_copy(u, ready)
+        self._wait_copy(u, was_slotted)
         fresh = not u.used_since_copy
         self._bind_slot(u)
         if fresh and self.slot_transform is not None:
@@ -478,10 +474,12 @@ class BlockSwapEngine:
             self._bind_host(u)
 
     def _drop_slot(self, u: _Unit) -> None:
+        """Take ``u`` out of its slot; the slot is free once the work issued so far is done."""
         k = u.slot
         if self._async:
             self._free_ev[k].record(torch.cuda.current_stream(self.compute_device))
-        self._bind_host(u)
+        if u.bound:
+            self._bind_host(u)
         u.slot, u.used_since_copy = None, False
         self._slot_owner[k] = None
         self.tracker.slot_owner[k] = None

@@ -230,7 +230,7 @@ class SwapController:
     def _apply_patches(self, unit_name: str) -> None:
         """Patch a block just copied into its slot, with ComfyUI's own resident-weight code path."""
         keys = self._patch_keys.get(unit_name)
-        patcher = self._patcher_ref() if self._patcher_ref else None
+        patcher = self._patcher()
         if not keys or patcher is None:
             return
         from comfy.model_patcher import ModelPatcher
@@ -249,12 +249,20 @@ class SwapController:
                         if t.device == dev)
         m.model_loaded_weight_memory = on_device + engine.device_bytes
 
+    def _patcher(self):
+        """The patcher that ran (or was prepared) last, if it still exists."""
+        return self._patcher_ref() if self._patcher_ref else None
+
+    @staticmethod
+    def _adjust_loaded(patcher, delta: int) -> None:
+        m = patcher.model
+        m.model_loaded_weight_memory = max(0, getattr(m, "model_loaded_weight_memory", 0) + delta)
+
     def _ring_changed(self, delta: int) -> None:
         """Another model of the pipeline took the shared slots: ComfyUI's figure drops with them."""
-        patcher = self._patcher_ref() if self._patcher_ref else None
+        patcher = self._patcher()
         if patcher is not None:
-            m = patcher.model
-            m.model_loaded_weight_memory = max(0, getattr(m, "model_loaded_weight_memory", 0) + delta)
+            self._adjust_loaded(patcher, delta)
 
     def on_pre_run(self, patcher) -> None:
         self.prepare(patcher).tracker.reset_counters()
@@ -266,7 +274,7 @@ class SwapController:
         (samplers that skip ``pre_run``) or after a detach released the ring."""
         engine = self.engine()
         if engine is None or not engine.is_setup or engine.device_bytes == 0:
-            patcher = self._patcher_ref() if self._patcher_ref else None
+            patcher = self._patcher()
             if patcher is None:
                 raise RuntimeError("block swap: no model patcher to prepare the engine with")
             engine = self.prepare(patcher)
@@ -314,10 +322,9 @@ class SwapController:
             engine = self.engine()
             if engine is None or engine.device_bytes == 0:
                 return
-            ring = engine.device_bytes
-            engine.release_ring()
-            m = patcher.model
-            m.model_loaded_weight_memory = max(0, getattr(m, "model_loaded_weight_memory", 0) - ring)
+            held = engine.device_bytes
+            engine.release_ring()  # deferred to the forward's end when one is running
+            self._adjust_loaded(patcher, engine.device_bytes - held)
         except Exception:  # noqa: BLE001 - a detach must not fail; say what happened
             log.exception("block swap: releasing the device ring failed")
 

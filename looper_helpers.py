@@ -28,6 +28,11 @@ from .utils import device_memory, format_bytes, get_logger, host_rss_bytes
 log = get_logger("looper")
 
 
+def is_model(x) -> bool:
+    """A ComfyUI MODEL (a ModelPatcher or subclass), told by what the pack uses of it."""
+    return hasattr(x, "clone") and hasattr(x, "model")
+
+
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
                            prepared: Optional[Dict[int, Tuple[Any, Any]]] = None, debug: bool = False,
                            node_id: Optional[str] = None):
@@ -41,7 +46,7 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
         return None
     if prepared is not None and id(model) in prepared:
         return prepared[id(model)][1]
-    if not (hasattr(model, "clone") and hasattr(model, "model")):
+    if not is_model(model):
         raise TypeError(f"expected a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
     from .callbacks import apply_block_swap
 
@@ -122,7 +127,7 @@ def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
             raise ValueError(f"model_clip_sequence[{i}] must be (model_high, model_low, clip) or None, got "
                              f"{type(entry).__name__}" + (f" of length {len(entry)}" if isinstance(entry, (list, tuple)) else ""))
         for j, m in enumerate(entry[:2]):
-            if m is not None and not (hasattr(m, "clone") and hasattr(m, "model")):
+            if m is not None and not is_model(m):
                 raise ValueError(f"model_clip_sequence[{i}][{j}] must be a MODEL or None, got {type(m).__name__}")
     ring = SharedRing()
     prepared: Dict[int, Tuple[Any, Any]] = {}

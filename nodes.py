@@ -159,11 +159,11 @@ class WAN22BlockSwapLooper:
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, models_list, unique_id=None, **swap):
-        from .looper_helpers import prepare_sequence
+        from .looper_helpers import is_model, prepare_sequence
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         if isinstance(models_list, (list, tuple)) and models_list and all(
-                e is None or hasattr(e, "clone") for e in models_list):
+                e is None or is_model(e) for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap
             seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id)
             return ([e[0] for e in seq],)
