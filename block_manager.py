@@ -228,6 +228,7 @@ class BlockSwapEngine:
         self._release_pending = False
         self._hooks: List = []
         self._is_setup = False
+        self._packed = False  # host masters packed (pack_masters), maybe before the ring exists
         # Called as slot_transform(unit_name) right after a unit is bound to freshly copied slot
         # memory; it may rewrite the bound parameters in place (ComfyUI applies LoRA patches here).
         self.slot_transform: Optional[Callable[[str], None]] = None
@@ -271,23 +272,38 @@ class BlockSwapEngine:
         if self._is_setup:
             self._refresh()
         else:
-            for u in self._units:
-                self._collect(u)
-            self._check_host_ram(self._units)
+            self.pack_masters()
             try:
-                for u in self._units:
-                    self._pack(u)
                 self._alloc_ring()
             except BaseException:
                 self._restore_units(None)
-                self._free_ring()
+                self._packed = False
                 raise
-            self.tracker.location.update({u.name: "host" for u in self._units})
             self._is_setup = True
         self._update_host_bytes()
         if install_hooks:
             self.attach_hooks()
         log.debug("block swap set up: %s", self.tracker.format_summary())
+        return self
+
+    def pack_masters(self) -> "BlockSwapEngine":
+        """Pack the host masters only (no device memory): what a loader does right after reading the
+        file, so the streamed blocks go to their pinned copies before anything runs. ``setup``
+        calls it (a no-op once done) before allocating the ring."""
+        if self._packed:
+            return self
+        for u in self._units:
+            self._collect(u)
+        self._check_host_ram(self._units)
+        try:
+            for u in self._units:
+                self._pack(u)
+        except BaseException:
+            self._restore_units(None)
+            raise
+        self.tracker.location.update({u.name: "host" for u in self._units})
+        self._packed = True
+        self._update_host_bytes()
         return self
 
     def end_run(self) -> None:
@@ -327,7 +343,7 @@ class BlockSwapEngine:
     def teardown(self, device=None) -> None:
         """Undo :meth:`setup`: every parameter gets its own storage again, with the same values, on
         ``device`` or, by default, where it was before setup. Idempotent."""
-        if not self._is_setup:
+        if not (self._is_setup or self._packed):
             return
         self.detach_hooks()
         self._sync()
@@ -335,7 +351,7 @@ class BlockSwapEngine:
         self._free_ring()
         self.tracker.location.clear()
         self.tracker.host_bytes = self.tracker.pinned_bytes = 0
-        self._is_setup = False
+        self._is_setup = self._packed = False
 
     def _sync(self) -> None:
         """Wait for in-flight copies and for kernels still reading slots (never in the steady state:

@@ -145,6 +145,23 @@ class SwapController:
 
     def prepare(self, patcher) -> BlockSwapEngine:
         """Make the engine ready for a run of ``patcher``: masters, ring, patches, accounting."""
+        engine = self._engine_for(patcher)
+        engine.use_shared_ring(self.ring)
+        engine.ring_listener = self._ring_changed
+        self._make_room_for_ring(patcher, engine)
+        engine.setup(install_hooks=False)
+        self._patcher_ref = weakref.ref(patcher)
+        self._set_weight_patches(patcher, engine)
+        self.account(patcher, engine)
+        return engine
+
+    def pack_masters(self, patcher) -> BlockSwapEngine:
+        """Only the host masters, now (the BlockSwap loader, right after reading the file): the
+        streamed blocks leave their loading copies for their pinned ones before any run, and
+        nothing is allocated on the device."""
+        return self._engine_for(patcher).pack_masters()
+
+    def _engine_for(self, patcher) -> BlockSwapEngine:
         model = self._model_ref()
         if model is None:
             raise RuntimeError("block swap: the diffusion model this node prepared no longer exists")
@@ -161,13 +178,6 @@ class SwapController:
             engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings)),
                                      device, offload, unit_modules=self.targets)
             _ENGINES[model] = engine
-        engine.use_shared_ring(self.ring)
-        engine.ring_listener = self._ring_changed
-        self._make_room_for_ring(patcher, engine)
-        engine.setup(install_hooks=False)
-        self._patcher_ref = weakref.ref(patcher)
-        self._set_weight_patches(patcher, engine)
-        self.account(patcher, engine)
         return engine
 
     def _make_room_for_ring(self, patcher, engine: BlockSwapEngine) -> None:
@@ -377,9 +387,10 @@ def send_node_text(node_id: Optional[str], text: str) -> None:
 
 
 def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
-                     ring: Optional[SharedRing] = None):
+                     ring: Optional[SharedRing] = None, pack_masters: bool = False):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
-    ``(model, text)`` with a one-line description of what was done for the node's readout."""
+    ``(model, text)`` with a one-line description of what was done for the node's readout.
+    ``pack_masters``: copy the streamed units into their host masters now, not at the first run."""
     from .config import detect_layout, plan_swap
 
     if getattr(patcher, "is_dynamic", lambda: False)():
@@ -405,6 +416,8 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
         return clone, text
     controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id, ring=ring)
     controller.install(clone)
+    if pack_masters:
+        controller.pack_masters(clone)
     text = (f"Block swap: {len(plan.block_indices)} of {layout.num_blocks} blocks streamed "
             f"({', '.join(map(str, plan.block_indices)) or 'none'})"
             + (f", {len(plan.vace_indices)} of {layout.num_vace_blocks} VACE blocks" if layout.num_vace_blocks else "")
