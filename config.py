@@ -181,3 +181,74 @@ def plan_swap(layout: ModelLayout, settings: SwapSettings) -> SwapPlan:
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's own elements (the stored form: fp8 is 1 byte, quantized raw bytes as is)."""
     return torch.Tensor.numel(t) * torch.Tensor.element_size(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# WAN version / variant identification (the loaders' report and their check of explicit choices)
+
+WAN_VERSIONS = ("auto", "2.1", "2.2")
+WAN_VARIANTS = ("auto", "t2v", "i2v", "vace", "camera", "s2v", "humo", "animate")
+_SIZE_LABELS = {1536: "1.3B", 3072: "5B", 5120: "14B"}
+# ComfyUI's model_type -> (our variant, version when the type alone settles it)
+_COMFY_TYPES = {"t2v": ("t2v", None), "i2v": ("i2v", "2.1"), "vace": ("vace", None),
+                "camera": ("camera", "2.1"), "camera_2.2": ("camera", "2.2"), "s2v": ("s2v", "2.2"),
+                "humo": ("humo", None), "animate": ("animate", "2.2")}
+
+
+@dataclass(frozen=True)
+class WanInfo:
+    """What a WAN file is, from ComfyUI's detected unet config and the tensor shapes."""
+
+    version: str  # "2.1", "2.2" or "2.1/2.2" where the architecture is the same in both
+    variant: str  # one of WAN_VARIANTS[1:], or ComfyUI's model_type for other WAN derivatives
+    size: str  # "1.3B", "5B", "14B" or "dim N"
+    dim: int
+    num_blocks: int
+    num_vace_blocks: int
+    in_dim: int
+    out_dim: int
+    accepts_variants: Tuple[str, ...]  # explicit model_variant values consistent with the file
+    note: str = ""
+
+    def describe(self) -> str:
+        text = (f"WAN {self.version} {self.size} {self.variant}: {self.num_blocks} blocks"
+                + (f" + {self.num_vace_blocks} VACE blocks" if self.num_vace_blocks else "")
+                + f", dim {self.dim}, in/out channels {self.in_dim}/{self.out_dim}")
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def identify_wan(unet_config: dict, has_img_emb: bool) -> WanInfo:
+    """Version and variant of a WAN model from ComfyUI's detected ``unet_config`` (``model_type``,
+    ``dim``, ``num_layers``, ``in_dim``, ``out_dim``, ``vace_layers``) and whether it has a CLIP image
+    embedding. Only facts the shapes settle are claimed: a 14B t2v file is either WAN 2.1 14B or a
+    WAN 2.2 A14B expert (same architecture), so its version is "2.1/2.2"."""
+    comfy_type = unet_config.get("model_type", "t2v")
+    dim, in_dim, out_dim = (int(unet_config.get(k, 0)) for k in ("dim", "in_dim", "out_dim"))
+    variant, version = _COMFY_TYPES.get(comfy_type, (comfy_type, None))
+    accepts: Tuple[str, ...] = (variant,)
+    note = ""
+    if out_dim == 48:  # only WAN 2.2's TI2V 5B predicts 48 latent channels (its 16x VAE)
+        version, accepts, note = "2.2", ("t2v", "i2v"), "TI2V: text and image to video"
+    elif comfy_type == "t2v" and in_dim == 36 and not has_img_emb:
+        # WAN 2.2 A14B i2v dropped the CLIP image embedding; ComfyUI runs it as its t2v class
+        variant, version, accepts = "i2v", "2.2", ("i2v",)
+    elif dim == 1536:
+        version = "2.1"  # WAN 2.2 has no 1.3B model
+    return WanInfo(version=version or "2.1/2.2", variant=variant, size=_SIZE_LABELS.get(dim, f"dim {dim}"),
+                   dim=dim, num_blocks=int(unet_config.get("num_layers", 0)),
+                   num_vace_blocks=int(unet_config.get("vace_layers", 0) or 0), in_dim=in_dim,
+                   out_dim=out_dim, accepts_variants=accepts, note=note)
+
+
+def check_wan_choice(info: WanInfo, wan_version: str, model_variant: str, path: str) -> None:
+    """Raise BlockSwapError when an explicit choice contradicts what the file is."""
+    if wan_version not in WAN_VERSIONS:
+        raise BlockSwapError(f"wan_version must be one of {', '.join(WAN_VERSIONS)}, got {wan_version!r}")
+    if model_variant not in WAN_VARIANTS:
+        raise BlockSwapError(f"model_variant must be one of {', '.join(WAN_VARIANTS)}, got {model_variant!r}")
+    if wan_version != "auto" and wan_version not in info.version.split("/"):
+        raise BlockSwapError(f"{path}: wan_version is set to {wan_version}, but the file is "
+                             f"{info.describe()}. Set wan_version to auto or {info.version}, or pick the right file.")
+    if model_variant != "auto" and model_variant not in info.accepts_variants:
+        raise BlockSwapError(f"{path}: model_variant is set to {model_variant}, but the file is "
+                             f"{info.describe()}. Set model_variant to auto or {info.variant}, or pick the right file.")

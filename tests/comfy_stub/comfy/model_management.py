@@ -316,3 +316,14 @@ def loaded_models(only_currently_used=False):
 def unload_all_models():
     for device in get_all_torch_devices():
         free_memory(1e30, device)
+
+
+def unet_dtype(device=None, model_params=0, supported_dtypes=(torch.float16, torch.bfloat16, torch.float32),
+               weight_dtype=None):
+    """ComfyUI on a CPU device: fp32 whatever the file holds (fp16/bf16 are not used for CPU compute)."""
+    return torch.float32
+
+
+def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=(torch.float16, torch.bfloat16, torch.float32)):
+    """None when the device computes in ``weight_dtype``; else the compute dtype (fp32 on CPU)."""
+    return None if weight_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32

@@ -82,3 +82,25 @@ def adopt_comfy_ops(model):
         if type(m) in _ADOPT:
             m.__class__ = _ADOPT[type(m)]
     return model
+
+
+class manual_cast(disable_weight_init):
+    class Linear(disable_weight_init.Linear):
+        comfy_cast_weights = True
+
+    class Conv3d(disable_weight_init.Conv3d):
+        comfy_cast_weights = True
+
+    class LayerNorm(disable_weight_init.LayerNorm):
+        comfy_cast_weights = True
+
+    class RMSNorm(disable_weight_init.RMSNorm):
+        comfy_cast_weights = True
+
+
+def pick_operations(weight_dtype, compute_dtype, load_device=None, disable_fast_fp8=False,
+                    fp8_optimizations=False, model_config=None):
+    """ComfyUI's fallback choice (no fp8 / cublas / mixed-precision ops in the stub)."""
+    if compute_dtype is None or weight_dtype == compute_dtype:
+        return disable_weight_init
+    return manual_cast

@@ -18,6 +18,7 @@ import comfy.ldm.wan.model
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.ops
 import comfy.utils
 
 tiny_wan = comfy.ldm.wan.model.tiny_wan
@@ -50,6 +51,36 @@ def _detect_wan(sd, metadata=None):
     return cfg
 
 
+def build_model(config, dtype, operations=None):
+    """The WAN21 BaseModel around a tiny WanModel with uninitialised ``dtype`` weights. With
+    ``operations`` (a ``model_config.custom_operations`` class) every Linear is built by
+    ``operations.Linear`` and the other layers become its classes, as ComfyUI builds WAN with them."""
+    with torch.device("meta"):
+        wan = tiny_wan.WanModel(config)
+    wan = wan.to_empty(device="cpu").to(dtype)
+    wan.patch_embedding.float()  # fp32 patch embeddings, as ComfyUI
+    if wan.vace_patch_embedding is not None:
+        wan.vace_patch_embedding.float()
+    if operations is not None:
+        for parent in list(wan.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, operations.Linear(child.in_features, child.out_features,
+                                                            bias=child.bias is not None, dtype=dtype))
+        comfy.ops.adopt_comfy_ops(wan)
+    cls = {"vace": comfy.model_base.WAN21_Vace, "ti2v22": comfy.model_base.WAN22}.get(config.model_type, comfy.model_base.WAN21)
+    return cls(wan, image_to_video=config.model_type == "i2v")
+
+
+def config_from_detected(cfg):
+    """tiny_wan.WanConfig from ``_detect_wan``'s dict (VACE: ComfyUI's block spacing)."""
+    cfg = dict(cfg)
+    if cfg["model_type"] == "vace":
+        cfg["vace_layers"] = tiny_wan.vace_layer_indices(cfg["num_layers"], int(cfg["vace_layers"]))
+    known = tiny_wan.WanConfig.__dataclass_fields__
+    return tiny_wan.WanConfig(**{k: v for k, v in cfg.items() if k in known})
+
+
 def load_diffusion_model_state_dict(sd, model_options={}, metadata=None, disable_dynamic=False):
     prefix = "model.diffusion_model." if sum(k.startswith("model.diffusion_model.") for k in sd) > 5 else "model."
     stripped = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -68,14 +99,7 @@ def load_diffusion_model_state_dict(sd, model_options={}, metadata=None, disable
 
     load_device = model_options.get("load_device", comfy.model_management.get_torch_device())
     offload_device = model_options.get("offload_device", comfy.model_management.unet_offload_device())
-    with torch.device("meta"):
-        wan = tiny_wan.WanModel(config)
-    wan = wan.to_empty(device="cpu").to(dtype)
-    wan.patch_embedding.float()  # fp32 patch embeddings, as ComfyUI
-    if wan.vace_patch_embedding is not None:
-        wan.vace_patch_embedding.float()
-    cls = {"vace": comfy.model_base.WAN21_Vace, "ti2v22": comfy.model_base.WAN22}.get(config.model_type, comfy.model_base.WAN21)
-    model = cls(wan, image_to_video=config.model_type == "i2v")
+    model = build_model(config, dtype)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False)
     if missing:

@@ -1,0 +1,267 @@
+"""The pack's WAN loaders: a file (.safetensors or .gguf) -> a ComfyUI MODEL, built by ComfyUI itself.
+
+ComfyUI glue (ComfyUI is imported inside the functions). The order is chosen so that a bad file or a
+wrong choice fails before anything big is allocated, and nothing half-built is ever handed out:
+
+1. ``weight_files.scan_weights``: the header only (truncated/corrupt files, unsupported GGUF types).
+2. ComfyUI's own detection (``comfy.model_detection.model_config_from_unet``) runs on storage-less
+   ``meta`` stand-ins of the tensors: no hand-made configs. The result must be a WAN model;
+   ``config.identify_wan`` names version and variant, and an explicit ``wan_version`` /
+   ``model_variant`` that contradicts the file is an error.
+3. The model is built with ComfyUI's operations for the chosen dtypes, extended by ``quant_ops``
+   (Linear weights start on ``meta``, so the big matrices are not allocated yet), and its key set is
+   compared with the file's: missing or unexpected keys are an error naming them.
+4. ``weight_files.read_weights`` reads every tensor into memory this process owns, converting it
+   as it goes (the model's dtype; with ``fp8_optimization`` the block matrices become fp8 with a
+   per-tensor scale), and the tensors are assigned to the model (no second copy).
+5. The result is a classic (non-dynamic) ``ModelPatcher`` (``quant_ops.patcher_class``), so block swap
+   works on it whether or not ComfyUI's Dynamic VRAM is on.
+
+fp8 option: only 2-D ``weight`` matrices inside ``blocks.N`` / ``vace_blocks.N`` (attention and FFN
+projections: ~97 % of a 14B model's bytes) are quantized; norms, biases, modulation, embeddings and
+the head keep their precision. The scale is a power of two per tensor, ``2**ceil(log2(amax / fp8
+max))``: the largest magnitude fits the format, and multiplying by it is exact in any float dtype, so
+dequantization adds no error beyond fp8's own rounding (relative 2**-4 for e4m3fn, 2**-3 for e5m2).
+It halves the block weights' memory; the weights are dequantized at use, so it saves memory, not time.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import BlockSwapError, WanInfo, check_wan_choice, identify_wan
+from .utils import format_bytes, get_logger
+from .weight_files import TensorEntry, WeightFileError, read_weights, scan_weights
+
+log = get_logger("loader")
+
+MODEL_TYPES = ("safetensors", "gguf")
+FP8_CHOICES = ("disabled", "e4m3fn", "e5m2")
+DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
+NO_FILE = "none"  # first entry of each file list, so an unused list always validates
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_BLOCK_MATRIX = re.compile(r"^(vace_)?blocks\.\d+\..+\.weight$")
+# Keys of ComfyUI's older fp8_scaled files that carry no weights of their own
+_IGNORED = re.compile(r"(^scaled_fp8$)|(\.scale_input$)")
+_SAFETENSORS_EXT = (".safetensors", ".sft")
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 (pure torch)
+
+def fp8_quantize(w: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q * scale ~= w``: ``q`` in ``fp8_dtype``, ``scale`` a float32 power of
+    two chosen so the largest magnitude fits (see the module docstring)."""
+    wf = w.float()
+    amax = float(wf.abs().max()) if wf.numel() else 0.0
+    fmax = torch.finfo(fp8_dtype).max
+    exp = math.ceil(math.log2(amax / fmax)) if amax > 0 else 0
+    scale = torch.tensor(2.0 ** exp, dtype=torch.float32)
+    q = (wf / scale).clamp_(-fmax, fmax).to(fp8_dtype)
+    return q, scale
+
+
+def _transform(target: Dict[str, torch.dtype], fp8_dtype: Optional[torch.dtype], scaled: set):
+    """Per-tensor conversion applied while reading (one tensor at a time, so the peak stays low):
+    each tensor gets the dtype ComfyUI gave the parameter it is assigned to (what a copying
+    ``load_state_dict`` would produce), except quantized bytes, fp8 weights with their own scale, and
+    the block matrices the fp8 option quantizes."""
+
+    def apply(key: str, t: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if not t.is_floating_point() or type(t) is not torch.Tensor:
+            return {key: t}  # GGUF-quantized bytes (a GGUFTensor) stay as stored
+        if key.endswith(".scale_weight"):
+            return {key: t.float()}
+        if key in scaled:
+            return {key: t}  # an fp8 weight that comes with its own scale
+        if fp8_dtype is not None and t.ndim == 2 and _BLOCK_MATRIX.match(key):
+            q, scale = fp8_quantize(t, fp8_dtype)
+            return {key: q, key[:-len("weight")] + "scale_weight": scale}
+        dtype = target.get(key, t.dtype)
+        return {key: t if t.dtype == dtype else t.to(dtype)}
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# file lists for the nodes
+
+def _model_dirs() -> List[str]:
+    import folder_paths
+
+    return list(folder_paths.get_folder_paths("diffusion_models"))
+
+
+def list_model_files(kind: str) -> List[str]:
+    """Files of ``kind`` ("safetensors" / "gguf") under ComfyUI's diffusion_models (and unet)
+    folders, relative names as ComfyUI shows them, with :data:`NO_FILE` first."""
+    exts = _SAFETENSORS_EXT if kind == "safetensors" else (".gguf",)
+    names = set()
+    for base in _model_dirs():
+        if not os.path.isdir(base):
+            continue
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            for f in files:
+                if f.lower().endswith(exts):
+                    names.add(os.path.relpath(os.path.join(root, f), base).replace(os.sep, "/"))
+    return [NO_FILE] + sorted(names, key=str.lower)
+
+
+def resolve_model_file(kind: str, name: str) -> str:
+    """Full path of a listed file; a clear error when none is chosen or it is gone."""
+    if not name or name == NO_FILE:
+        raise BlockSwapError(f"model_type is {kind} but no {kind} file is chosen: pick one in "
+                             f"{kind}_model (files go in ComfyUI/models/diffusion_models).")
+    for base in _model_dirs():
+        path = os.path.join(base, name)
+        if os.path.isfile(path):
+            return path
+    raise BlockSwapError(f"model file {name!r} not found in {', '.join(_model_dirs())}; "
+                         "refresh the node (R) or check the file name.")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+def _probe_dtype(device: torch.device, dtype: torch.dtype, compute: torch.dtype) -> None:
+    """Raise when ``device`` cannot hold ``dtype`` weights and compute with them in ``compute``."""
+    try:
+        w = torch.ones(2, 2, dtype=dtype, device=device)
+        torch.nn.functional.linear(torch.ones(1, 2, dtype=compute, device=device), w.to(compute))
+    except (RuntimeError, TypeError) as e:
+        raise BlockSwapError(f"{device} cannot run {dtype} weights computed in {compute} ({e}); "
+                             "choose another weight_dtype / fp8_optimization.") from e
+
+
+def _file_weight_dtype(entries: List[TensorEntry]) -> Optional[torch.dtype]:
+    """The float dtype holding most elements (ComfyUI's rule); None when quantized bytes dominate."""
+    counts: Counter = Counter()
+    for e in entries:
+        counts[e.dtype] += math.prod(e.shape)
+    dtype = counts.most_common(1)[0][0] if counts else None
+    return dtype if dtype is not None and dtype.is_floating_point else None
+
+
+def _check_keys(path: str, expected: set, found: set) -> None:
+    allowed = {k[:-len("weight")] + "scale_weight" for k in expected if k.endswith(".weight")}
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected - allowed)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])}"
+                         f"{', ...' if len(unexpected) > 5 else ''})")
+        raise BlockSwapError(f"{path}: the file's keys do not match the WAN model ComfyUI detected: "
+                             f"{'; '.join(parts)}. The file is incomplete, or a format this loader does "
+                             "not read (ComfyUI's mixed-precision quantized files load with UNETLoader).")
+
+
+def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str = "auto",
+                   model_variant: str = "auto", fp8_optimization: str = "disabled",
+                   weight_dtype: str = "auto", for_swap: bool = False):
+    """Load a WAN diffusion model file. Returns ``(patcher, info, text)``: a ComfyUI ModelPatcher,
+    the :class:`config.WanInfo` and a one-line report (also logged).
+
+    ``model_type`` ("safetensors" / "gguf"), when given, must match the file's content.
+    ``for_swap``: keep every weight in host RAM even where ComfyUI keeps models on the GPU
+    (``--highvram``), because the caller streams some blocks from there.
+    Raises :class:`config.BlockSwapError` (a ValueError) naming the file for every bad input; nothing
+    is registered with ComfyUI before the model is complete.
+    """
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.ops
+
+    from .quant_ops import make_ops, patcher_class
+
+    path = os.fspath(path)
+    if fp8_optimization not in FP8_CHOICES:
+        raise BlockSwapError(f"fp8_optimization must be one of {', '.join(FP8_CHOICES)}, got {fp8_optimization!r}")
+    if weight_dtype not in DTYPE_CHOICES:
+        raise BlockSwapError(f"weight_dtype must be one of {', '.join(DTYPE_CHOICES)}, got {weight_dtype!r}")
+    try:
+        fmt, entries, metadata = scan_weights(path)
+    except WeightFileError as e:
+        raise BlockSwapError(str(e)) from e
+    if model_type is not None and fmt != model_type:
+        raise BlockSwapError(f"{path} is a {fmt} file but model_type is {model_type}: set model_type "
+                             f"to {fmt} and choose the file in {fmt}_model.")
+    arch = metadata.get("general.architecture") if fmt == "gguf" else None
+    if fmt == "gguf" and arch not in ("wan", ""):
+        raise BlockSwapError(f"{path}: a GGUF file of architecture {arch!r}, not a WAN model")
+    entries = [e for e in entries if not _IGNORED.search(e.key)]
+
+    # 2. ComfyUI's detection on storage-less stand-ins
+    meta = {e.key: e.meta() for e in entries if not e.key.endswith(".scale_weight")}
+    model_config = comfy.model_detection.model_config_from_unet(meta, "")
+    image_model = getattr(model_config, "unet_config", {}).get("image_model") if model_config else None
+    if image_model != "wan2.1":  # ComfyUI's family name for every WAN 2.1 / 2.2 transformer
+        what = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
+        raise BlockSwapError(f"{path}: this is {what}, not a WAN 2.1/2.2 diffusion model "
+                             "(text encoders, VAEs and whole checkpoints load with other nodes).")
+    info = identify_wan(model_config.unet_config, "img_emb.proj.0.bias" in meta)
+    check_wan_choice(info, wan_version, model_variant, path)
+
+    # 3. dtypes, operations, the model with its weights still unallocated
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    supported = list(model_config.supported_inference_dtypes)
+    params = sum(math.prod(e.shape) for e in entries)
+    scaled = {e.key[:-len("scale_weight")] + "weight" for e in entries if e.key.endswith(".scale_weight")}
+    if weight_dtype == "auto":
+        # fp8 files with scales compute in a float dtype, as ComfyUI does for its quantized files
+        unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=supported,
+                                   weight_dtype=None if scaled else _file_weight_dtype(entries))
+    else:
+        unet_dtype = _DTYPES[weight_dtype]
+    manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
+    compute = manual_cast or unet_dtype
+    fp8_dtype = _FP8.get(fp8_optimization)
+    for dtype in {unet_dtype, fp8_dtype} - {None}:
+        _probe_dtype(load_device, dtype, compute)
+    model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+    model_config.custom_operations = make_ops(comfy.ops.pick_operations(unet_dtype, manual_cast,
+                                                                        load_device=load_device))
+    model = model_config.get_model(meta, "")
+    target = {k: t.dtype for k, t in model.diffusion_model.state_dict().items()}
+    _check_keys(path, set(target), {e.key for e in entries})
+
+    # 4. read, convert, assign
+    try:
+        sd = read_weights(path, entries, _transform(target, fp8_dtype, scaled))
+    except WeightFileError as e:
+        raise BlockSwapError(str(e)) from e
+    sd = model.model_config.process_unet_state_dict(sd)
+    try:
+        missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise BlockSwapError(f"{path}: the file does not fit the detected model: {e}") from e
+    left = [n for n, t in model.diffusion_model.state_dict().items() if t.is_meta]
+    if missing or unexpected or left:
+        raise BlockSwapError(f"{path}: loading left missing {sorted(set(missing) | set(left))[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    del sd
+
+    # 5. the patcher
+    patcher = patcher_class()(model, load_device=load_device, offload_device=offload_device)
+    if not for_swap and offload_device.type != "cpu":
+        model.to(offload_device)  # what ComfyUI's own loader does under --highvram / --gpu-only
+    stored = Counter(e.stored for e in entries)
+    text = (f"{info.describe()}; {os.path.basename(path)} ({fmt}, {format_bytes(os.path.getsize(path))}; "
+            f"{', '.join(f'{n} x{c}' for n, c in stored.most_common())}); weights {_dtype_name(unet_dtype)}"
+            + (f", block matrices fp8 {fp8_optimization} (per-tensor scale)" if fp8_dtype else "")
+            + (f", computed in {_dtype_name(manual_cast)}" if manual_cast else ""))
+    log.info("WAN loader: %s", text)
+    return patcher, info, text
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -1,0 +1,254 @@
+"""The pack's loaders (model_loader.py, quant_ops.py, weight_files.py) inside ComfyUI.
+
+Runs against the stand-in in tests/comfy_stub by default and against a real ComfyUI checkout when
+COMFYUI_PATH is set (see conftest.py): the same assertions hold in both. Files are tiny WAN models
+written on the spot (safetensors with the safetensors package, GGUF with gguf-py).
+"""
+import gc
+import math
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+
+from wan22_blockswap import tiny_wan
+from wan22_blockswap.callbacks import _ENGINES
+from wan22_blockswap.config import BlockSwapError, identify_wan
+from wan22_blockswap.gguf_reader import GGUFTensor, load_gguf_state_dict, write_tiny_gguf
+from wan22_blockswap.model_loader import fp8_quantize, load_wan_model
+
+from test_node import sample, swap, with_lora
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def tiny_sd(variant="t2v", seed=0, layers=8, **overrides):
+    cfg = tiny_wan.tiny_config(variant, dim=128, num_heads=1, ffn_dim=256, num_layers=layers,
+                               text_dim=4096, **overrides)
+    return tiny_wan.WanModel(cfg).init_weights(seed).state_dict()
+
+
+def write_st(tmp_path, sd, name="m.safetensors"):
+    path = tmp_path / name
+    safetensors_torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+def reference(sd):
+    """ComfyUI's own loader (UNETLoader's path) on the same tensors."""
+    return comfy.sd.load_diffusion_model_state_dict(dict(sd))
+
+
+def forward(patcher, seed=0, frames=2):
+    dm = patcher.model.diffusion_model
+    g = torch.Generator().manual_seed(seed)
+    in_ch = dm.patch_embedding.weight.shape[1]
+    x = torch.randn(1, in_ch, frames, 8, 8, generator=g)
+    ctx = torch.randn(1, 8, 4096, generator=g)
+    with torch.no_grad():
+        return dm(x, torch.tensor([500.0]), ctx)
+
+
+@pytest.fixture(autouse=True)
+def _unload_between_tests():
+    yield
+    mm.unload_all_models()
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+@pytest.mark.parametrize("variant", ["t2v", "i2v", "vace", "ti2v22"])
+def test_safetensors_same_model_as_comfyui_loader(tmp_path, variant):
+    sd = tiny_sd(variant)
+    patcher, info, text = load_wan_model(write_st(tmp_path, sd))
+    ref = reference(sd)
+    if variant != "vace":  # ComfyUI's VACE forward needs VACE inputs: sample() gives them
+        assert torch.equal(forward(patcher), forward(ref))
+    assert sample(patcher).equal(sample(ref))
+    ours = patcher.model.diffusion_model.state_dict()
+    theirs = ref.model.diffusion_model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype for k in ours)
+    assert info.num_blocks == 8 and info.dim == 128
+    assert "8 blocks" in text and "m.safetensors" in text
+
+
+def test_identification_by_shapes(tmp_path):
+    cases = {"t2v": ("t2v", "2.1/2.2"), "i2v": ("i2v", "2.1"), "vace": ("vace", "2.1/2.2"),
+             "ti2v22": ("t2v", "2.2")}
+    for variant, (want_variant, want_version) in cases.items():
+        _, info, _ = load_wan_model(write_st(tmp_path, tiny_sd(variant), f"{variant}.safetensors"))
+        assert (info.variant, info.version) == (want_variant, want_version), variant
+    # WAN 2.2 A14B i2v: 36 input channels and no CLIP image embedding
+    _, info, _ = load_wan_model(write_st(tmp_path, tiny_sd("t2v", in_dim=36), "i2v22.safetensors"))
+    assert (info.variant, info.version) == ("i2v", "2.2")
+    _, info, _ = load_wan_model(write_st(tmp_path, tiny_sd("vace"), "vace.safetensors"))
+    assert info.num_vace_blocks == 2
+
+
+def test_explicit_choice_that_contradicts_the_file_is_an_error(tmp_path):
+    path = write_st(tmp_path, tiny_sd("ti2v22"))
+    with pytest.raises(BlockSwapError, match=r"wan_version is set to 2\.1.*m\.safetensors|m\.safetensors.*wan_version is set to 2\.1"):
+        load_wan_model(path, wan_version="2.1")
+    with pytest.raises(BlockSwapError, match="model_variant is set to vace"):
+        load_wan_model(path, model_variant="vace")
+    load_wan_model(path, wan_version="2.2", model_variant="i2v")  # TI2V: both t2v and i2v are right
+    t2v = write_st(tmp_path, tiny_sd("t2v"), "t2v.safetensors")
+    for version in ("2.1", "2.2"):  # a 14B-style t2v file is either
+        load_wan_model(t2v, wan_version=version, model_variant="t2v")
+
+
+def test_weight_dtype_choice(tmp_path):
+    patcher, _, text = load_wan_model(write_st(tmp_path, tiny_sd()), weight_dtype="bf16")
+    dm = patcher.model.diffusion_model
+    assert dm.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert dm.patch_embedding.weight.dtype == torch.float32  # ComfyUI keeps it fp32
+    assert "bfloat16" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8
+
+@pytest.mark.parametrize("fmt,bound", [(torch.float8_e4m3fn, 2 ** -4), (torch.float8_e5m2, 2 ** -3)])
+def test_fp8_quantize_error_bound(fmt, bound):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=g) * 0.02
+    q, scale = fp8_quantize(w, fmt)
+    assert q.dtype == fmt and scale.dtype == torch.float32
+    assert math.log2(float(scale)).is_integer()  # a power of two: dequantizing is exact
+    back = q.float() * scale
+    # fp8 rounding: relative error <= 2^-(mantissa bits + 1) for normal values, plus the subnormal step
+    tiny = float(scale) * torch.finfo(fmt).smallest_normal
+    assert ((back - w).abs() <= bound * w.abs() + tiny).all()
+    assert float(back.abs().max()) == pytest.approx(float(w.abs().max()), rel=bound)
+
+
+@pytest.mark.parametrize("choice", ["e4m3fn", "e5m2"])
+def test_fp8_option_only_block_matrices(tmp_path, choice):
+    sd = tiny_sd()
+    path = write_st(tmp_path, sd)
+    plain, _, _ = load_wan_model(path)
+    fp8, _, text = load_wan_model(path, fp8_optimization=choice)
+    fmt = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[choice]
+    a, b = plain.model.diffusion_model.state_dict(), fp8.model.diffusion_model.state_dict()
+    quantized = [k for k in a if k.startswith("blocks.") and k.endswith(".weight") and a[k].ndim == 2]
+    assert len(quantized) == 8 * 10  # q k v o, cross q k v o, ffn.0, ffn.2 per block
+    for k in a:
+        if k in quantized:
+            assert b[k].dtype == fmt and k[:-6] + "scale_weight" in b
+        else:
+            assert torch.equal(a[k], b[k]), k  # norms, biases, modulation, embeddings, head unchanged
+    # the numerical effect on the whole model: measured here 0.3-1 % (e4m3fn) / 1-3 % (e5m2)
+    out_a, out_b = forward(plain), forward(fp8)
+    rel = float((out_a - out_b).norm() / out_a.norm())
+    assert 0 < rel < {"e4m3fn": 0.03, "e5m2": 0.08}[choice]
+    fp8_bytes = sum(b[k].numel() * b[k].element_size() for k in quantized)
+    assert fp8_bytes * 4 == sum(a[k].numel() * a[k].element_size() for k in quantized)  # fp32 -> fp8
+
+
+def test_fp8_swap_and_lora_identical_to_resident(tmp_path):
+    path = write_st(tmp_path, tiny_sd())
+    model, _, _ = load_wan_model(path, fp8_optimization="e4m3fn")
+    ref = sample(with_lora(model))
+    for n in (3, 8):
+        assert sample(with_lora(swap(model, n))).equal(ref)
+    assert not sample(model).equal(ref)  # the LoRA changed something
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF
+
+def write_gguf(tmp_path, sd, quant="Q8_0", name="m.gguf"):
+    return write_tiny_gguf(str(tmp_path / name), sd, quant=quant)
+
+
+def dequantized_reference(path):
+    sd, _ = load_gguf_state_dict(path)
+    return reference({k: v.dequantize(torch.float32) if isinstance(v, GGUFTensor) else v.float()
+                      for k, v in sd.items()})
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q5_1"])
+def test_gguf_equals_its_dequantized_weights(tmp_path, quant):
+    path = write_gguf(tmp_path, tiny_sd(), quant)
+    patcher, info, text = load_wan_model(path, model_type="gguf")
+    q = patcher.model.diffusion_model.blocks[0].self_attn.q.weight
+    assert isinstance(q, GGUFTensor) and q.tensor_type == quant  # kept quantized in memory
+    ref = dequantized_reference(path)
+    assert torch.equal(forward(patcher), forward(ref))
+    assert sample(patcher).equal(sample(ref))
+    assert quant in text and info.num_blocks == 8
+
+
+def test_gguf_lora_and_swap(tmp_path):
+    path = write_gguf(tmp_path, tiny_sd())
+    model, _, _ = load_wan_model(path)
+    ref_model = dequantized_reference(path)
+    lora_ref = sample(with_lora(ref_model))
+    out = sample(with_lora(model))
+    assert torch.allclose(out, lora_ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sample(model), lora_ref, atol=1e-3)
+    plain = sample(model)
+    for n in (3, 8):
+        assert sample(swap(model, n)).equal(plain)
+        assert sample(with_lora(swap(model, n))).equal(out)
+    # the patches are taken off again: the plain model is unchanged afterwards
+    assert sample(model).equal(plain)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: an error naming the file; nothing registered with ComfyUI
+
+def _loaded():
+    return len(mm.current_loaded_models)
+
+
+def test_bad_files(tmp_path):
+    sd = tiny_sd()
+    good = write_st(tmp_path, sd)
+    data = open(good, "rb").read()
+    cases = {}
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    cases["trunc.safetensors"] = "truncated"
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    cases["junk.safetensors"] = "not a safetensors file|corrupt"
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    cases["empty.safetensors"] = "not a model file"
+    write_st(tmp_path, {"encoder.layer.0.weight": torch.zeros(4, 4)}, "other.safetensors")
+    cases["other.safetensors"] = "not a WAN 2.1/2.2 diffusion model"
+    write_st(tmp_path, {k: v for k, v in sd.items() if k != "blocks.3.ffn.2.bias"}, "missing.safetensors")
+    cases["missing.safetensors"] = r"1 missing \(blocks\.3\.ffn\.2\.bias\)"
+    write_st(tmp_path, {**sd, "blocks.0.extra.weight": torch.zeros(2)}, "extra.safetensors")
+    cases["extra.safetensors"] = r"1 unexpected \(blocks\.0\.extra\.weight\)"
+    write_st(tmp_path, {**sd, "blocks.0.self_attn.q.weight": torch.zeros(64, 128)}, "shape.safetensors")
+    cases["shape.safetensors"] = "does not fit|size mismatch"
+    gguf = write_gguf(tmp_path, sd)
+    (tmp_path / "trunc.gguf").write_bytes(open(gguf, "rb").read()[:-1000])
+    cases["trunc.gguf"] = "truncated|corrupt"
+    before = _loaded()
+    for name, message in cases.items():
+        with pytest.raises(BlockSwapError, match=message) as err:
+            load_wan_model(str(tmp_path / name))
+        assert name in str(err.value)
+        assert _loaded() == before
+    with pytest.raises(BlockSwapError, match="gguf file but model_type is safetensors"):
+        load_wan_model(gguf, model_type="safetensors")
+    with pytest.raises(BlockSwapError, match="not found"):
+        load_wan_model(str(tmp_path / "nope.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the nodes
+
+def test_identify_wan_pure():
+    base = dict(dim=5120, num_layers=40, in_dim=16, out_dim=16, model_type="t2v")
+    assert identify_wan(base, False).version == "2.1/2.2"
+    assert identify_wan({**base, "dim": 1536, "num_layers": 30}, False).version == "2.1"
+    assert identify_wan({**base, "dim": 3072, "in_dim": 48, "out_dim": 48, "num_layers": 30}, False).version == "2.2"
+    assert identify_wan({**base, "model_type": "s2v"}, False).version == "2.2"
+    assert identify_wan({**base, "model_type": "i2v", "in_dim": 36}, True).version == "2.1"
+    assert identify_wan({**base, "model_type": "camera_2.2"}, False).variant == "camera"

@@ -1,0 +1,213 @@
+"""Read diffusion-model weight files (.safetensors, .gguf) into torch tensors this process owns.
+
+Pure torch (+ ``gguf`` for .gguf files, imported only when one is read); no ComfyUI.
+
+Two phases, so a bad file is refused before anything is allocated:
+
+* ``scan_weights(path)`` reads only the header and returns one :class:`TensorEntry` per tensor
+  (key, stored type, logical shape, byte range), after checking that every byte range lies inside
+  the file (a truncated download fails here, naming the file and the tensor).
+* ``read_weights(path, entries, transform)`` reads each tensor's bytes with ``readinto`` straight
+  into a tensor allocated for it, then calls ``transform(key, tensor)`` (dtype conversion, fp8
+  quantization) before the next one is read.
+
+Why ``readinto`` rather than a memory map: a mapped file's pages count in the process' RSS once
+touched, and a loader that maps the file and then copies it into parameters holds both (about twice
+the file). Reading into owned tensors keeps the peak at about the file size (plus one tensor for a
+transform), the tensors are writable (a read-only GGUF map faults on an in-place write), and once
+the file is closed nothing ties the model to it. The OS page cache still caches the file, outside
+the process.
+
+GGUF tensors of quantized types become :class:`gguf_reader.GGUFTensor` (raw bytes + type +
+logical shape); F32/F16/BF16 become plain tensors. Keys lose a ``model.diffusion_model.`` /
+``diffusion_model.`` prefix in both formats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .gguf_dequant import GGUFFormatError
+from .gguf_reader import GGUFTensor, KEY_PREFIXES
+
+__all__ = ["WeightFileError", "TensorEntry", "scan_weights", "read_weights", "file_format"]
+
+# safetensors dtype names -> torch dtypes (the ones a diffusion model file can hold)
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_CHUNK = 64 * 1024 * 1024  # bytes per readinto call: bounded syscalls, no big temporaries
+
+
+class WeightFileError(ValueError):
+    """A weight file that cannot be loaded; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    key: str  # prefix stripped
+    stored: str  # safetensors dtype name or GGUF type name
+    shape: Tuple[int, ...]  # logical shape, torch order
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+    dtype: Optional[torch.dtype]  # torch dtype of the stored bytes; None for quantized GGUF types
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype is None
+
+    def meta(self) -> torch.Tensor:
+        """A storage-less stand-in with the logical shape, for model detection before any read."""
+        return torch.empty(self.shape, dtype=self.dtype or torch.uint8, device="meta")
+
+
+def file_format(path) -> str:
+    """"safetensors" or "gguf", from the file's first bytes (not its name)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightFileError(f"model file not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) == 8:
+        return "safetensors"
+    raise WeightFileError(f"{path}: {len(head)} bytes long: not a model file (empty or truncated)")
+
+
+def _strip(key: str) -> str:
+    for prefix in KEY_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _scan_safetensors(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(_MAX_HEADER, size - 8):
+            raise WeightFileError(f"{path}: not a safetensors file, or a corrupt one (its header length "
+                                  f"field says {n} bytes; the file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightFileError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    entries: List[TensorEntry] = []
+    seen = set()
+    for name, spec in header.items():
+        try:
+            dtype = _ST_DTYPES[spec["dtype"]]
+            shape = tuple(int(d) for d in spec["shape"])
+            start, end = (int(x) for x in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise WeightFileError(f"{path}: corrupt safetensors header entry for {name!r} ({e!r})") from e
+        need = math.prod(shape) * dtype.itemsize
+        if end - start != need or start < 0 or min(shape, default=0) < 0:
+            raise WeightFileError(f"{path}: corrupt safetensors header: tensor {name!r} {spec['dtype']} "
+                                  f"{list(shape)} needs {need} bytes, its byte range holds {end - start}")
+        if base + end > size:
+            raise WeightFileError(f"{path}: truncated file: tensor {name!r} needs bytes up to {base + end}, "
+                                  f"the file has {size}. Download it again.")
+        key = _strip(name)
+        if key in seen:
+            raise WeightFileError(f"{path}: two tensors map to the key {key!r}")
+        seen.add(key)
+        entries.append(TensorEntry(key, spec["dtype"], shape, base + start, need, dtype))
+    return entries, metadata
+
+
+def _scan_gguf(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
+    from . import gguf_reader
+
+    try:
+        gguf, reader = gguf_reader._open_reader(path)
+    except GGUFFormatError as e:
+        raise WeightFileError(str(e)) from e
+    size = os.path.getsize(path)
+    if reader.byte_order != "I":
+        raise WeightFileError(f"{path}: a big-endian GGUF file; convert it to little-endian")
+    arch = gguf_reader._field_str(reader.get_field("general.architecture"))
+    entries: List[TensorEntry] = []
+    seen = set()
+    for t in reader.tensors:
+        name = t.tensor_type.name
+        try:
+            gguf_reader.check_tensor_type(path, t.name, name)
+            orig = gguf_reader._orig_shape(reader, gguf, t.name, path)
+        except GGUFFormatError as e:
+            raise WeightFileError(str(e)) from e
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if orig is not None:
+            if math.prod(orig) != math.prod(shape):
+                raise WeightFileError(f"{path}: tensor {t.name!r} has {math.prod(shape)} elements but its "
+                                      f"orig_shape metadata says {orig}")
+            shape = orig
+        if t.data_offset + t.n_bytes > size:
+            raise WeightFileError(f"{path}: truncated file: tensor {t.name!r} needs bytes up to "
+                                  f"{t.data_offset + t.n_bytes}, the file has {size}. Download it again.")
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name)
+        key = _strip(t.name)
+        if key in seen:
+            raise WeightFileError(f"{path}: two tensors map to the key {key!r}")
+        seen.add(key)
+        entries.append(TensorEntry(key, name, shape, int(t.data_offset), int(t.n_bytes), dtype))
+    return entries, {"general.architecture": arch or ""}
+
+
+def scan_weights(path) -> Tuple[str, List[TensorEntry], Dict[str, str]]:
+    """``(format, entries, metadata)`` from the header alone; raises WeightFileError naming the file
+    for a missing, empty, truncated or corrupt file, or an unsupported GGUF tensor type."""
+    path = os.fspath(path)
+    fmt = file_format(path)
+    entries, metadata = (_scan_gguf if fmt == "gguf" else _scan_safetensors)(path)
+    if not entries:
+        raise WeightFileError(f"{path}: the file holds no tensors")
+    return fmt, entries, metadata
+
+
+Transform = Callable[[str, torch.Tensor], Dict[str, torch.Tensor]]
+
+
+def read_weights(path, entries: List[TensorEntry], transform: Optional[Transform] = None
+                 ) -> Dict[str, torch.Tensor]:
+    """Read ``entries`` (from :func:`scan_weights`) into owned CPU tensors, in file order.
+
+    ``transform(key, tensor)`` may return replacement entries (e.g. a converted tensor, or an fp8
+    weight plus its scale); it runs right after each read, so at most one untransformed tensor
+    exists at a time. Raises WeightFileError naming the file if it shrank since the scan.
+    """
+    path = os.fspath(path)
+    out: Dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        for e in sorted(entries, key=lambda e: e.offset):
+            raw = torch.empty(e.nbytes, dtype=torch.uint8)
+            view = memoryview(raw.numpy())
+            f.seek(e.offset)
+            done = 0
+            while done < e.nbytes:
+                got = f.readinto(view[done:done + _CHUNK])
+                if not got:
+                    raise WeightFileError(f"{path}: the file ended inside tensor {e.key!r}; it changed "
+                                          "or was truncated while loading")
+                done += got
+            del view
+            if e.dtype is None:
+                t = GGUFTensor.wrap(raw, e.stored, e.shape)
+            else:
+                t = raw.view(e.dtype).reshape(e.shape)
+            out.update(transform(e.key, t) if transform else {e.key: t})
+    return out
