@@ -176,12 +176,115 @@ class WAN22BlockSwapLooperLegacy(WAN22BlockSwapLooper):
     DEPRECATED = True
 
 
+def loader_inputs() -> dict:
+    """The loader widgets, in this order (saved workflows store widget values by position). The
+    file lists are read from ComfyUI's model folders each time the node definitions are built."""
+    from .config import WAN_VARIANTS, WAN_VERSIONS
+    from .model_loader import DTYPE_CHOICES, FP8_CHOICES, MODEL_TYPES, list_model_files
+
+    return {
+        "model_type": (list(MODEL_TYPES), {"default": "safetensors", "tooltip":
+            "Which file list to load from: safetensors (fp16/bf16/fp8) or gguf (Q8_0 ... Q2_K). "
+            "The file's content must match."}),
+        "safetensors_model": (list_model_files("safetensors"), {"tooltip":
+            "A WAN 2.1 / 2.2 diffusion model (.safetensors) from models/diffusion_models. Used when "
+            "model_type is safetensors."}),
+        "gguf_model": (list_model_files("gguf"), {"tooltip":
+            "A WAN 2.1 / 2.2 GGUF model from models/diffusion_models or models/unet; it stays "
+            "quantized in memory and is dequantized on the GPU as each layer runs. Used when "
+            "model_type is gguf."}),
+        "wan_version": (list(WAN_VERSIONS), {"default": "auto", "tooltip":
+            "auto: detected from the tensor shapes. 2.1 / 2.2: also checks the file is that version "
+            "(an error if it is not). A 14B t2v file fits both: WAN 2.2 A14B experts have the 2.1 "
+            "14B architecture."}),
+        "model_variant": (list(WAN_VARIANTS), {"default": "auto", "tooltip":
+            "auto: detected from the file's keys and shapes. Anything else is checked against the "
+            "file (an error if it disagrees)."}),
+        "fp8_optimization": (list(FP8_CHOICES), {"default": "disabled", "tooltip":
+            "Store the transformer blocks' large matrices in fp8 with one scale per tensor (norms, "
+            "biases, modulation, embeddings and the head keep their precision). Halves those "
+            "weights' memory and the bytes block swap moves; they are dequantized on the GPU at use, "
+            "so it saves memory, not time. e4m3fn is more precise than e5m2. Ignored for weights "
+            "that are already fp8 or GGUF-quantized."}),
+        "weight_dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip":
+            "dtype of the unquantized weights. auto: ComfyUI's choice for this GPU and file (as "
+            "UNETLoader). fp16/bf16/fp32 force one; an error if the GPU cannot run it."}),
+    }
+
+
+def _load(model_type, safetensors_model, gguf_model, for_swap=False, **choices):
+    from .model_loader import load_wan_model, resolve_model_file
+
+    path = resolve_model_file(model_type, safetensors_model if model_type == "safetensors" else gguf_model)
+    return load_wan_model(path, model_type=model_type, for_swap=for_swap, **choices)
+
+
+LOADER_NOTE = ("It returns a classic ModelPatcher, so block swap works on it even while ComfyUI's "
+               "Dynamic VRAM is on.")
+
+
+class WANModelLoader:
+    DESCRIPTION = (
+        "Loads a WAN 2.1 / 2.2 diffusion model from .safetensors (fp16/bf16/fp8) or .gguf (Q8_0 ... "
+        "Q2_K, kept quantized). ComfyUI's own detection builds the model; the node shows the "
+        "detected version, variant, block count, dims and dtypes. Optional fp8 storage of the block "
+        "matrices. " + LOADER_NOTE)
+    CATEGORY = CATEGORY + "/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The WAN diffusion model; chain WAN 2.2 BlockSwap, LoRA loaders and samplers after it.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": loader_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def load(self, model_type, safetensors_model, gguf_model, wan_version, model_variant,
+             fp8_optimization, weight_dtype, unique_id=None):
+        from .callbacks import send_node_text
+
+        patcher, _info, text = _load(model_type, safetensors_model, gguf_model, wan_version=wan_version,
+                                     model_variant=model_variant, fp8_optimization=fp8_optimization,
+                                     weight_dtype=weight_dtype)
+        send_node_text(str(unique_id) if unique_id is not None else None, text)
+        return (patcher,)
+
+
+class WAN22BlockSwapLoader:
+    DESCRIPTION = (
+        "WAN Model Loader and WAN 2.2 BlockSwap in one: the blocks chosen for swapping are read into "
+        "host RAM and packed into their (pinned) host copies at load, still quantized for GGUF, and "
+        "never touch the GPU; the rest loads normally when the sampler runs. ComfyUI's memory "
+        "accounting is right from the start. " + LOADER_NOTE)
+    CATEGORY = CATEGORY + "/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The WAN model with the chosen blocks streaming from host RAM.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {**loader_inputs(), **swap_inputs()}, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def load(self, model_type, safetensors_model, gguf_model, wan_version, model_variant,
+             fp8_optimization, weight_dtype, unique_id=None, **swap):
+        from .callbacks import apply_block_swap, send_node_text
+
+        settings, debug, node_id = parse_swap(swap, unique_id)
+        patcher, _info, text = _load(model_type, safetensors_model, gguf_model, for_swap=True,
+                                     wan_version=wan_version, model_variant=model_variant,
+                                     fp8_optimization=fp8_optimization, weight_dtype=weight_dtype)
+        out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True)
+        send_node_text(node_id, f"{text}\n{swap_text}")
+        return (out,)
+
+
 NODE_CLASS_MAPPINGS = {
     "wan22BlockSwap": WAN22BlockSwap,
     "wan22BlockSwapLooperModels": WAN22BlockSwapLooperModels,
     "wan22BlockSwapSequencer": WAN22BlockSwapSequencer,
     "WAN22BlockSwapLooper": WAN22BlockSwapLooper,
     "wan22BlockSwapLooper": WAN22BlockSwapLooperLegacy,
+    "WANModelLoader": WANModelLoader,
+    "WAN22BlockSwapLoader": WAN22BlockSwapLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "wan22BlockSwap": "WAN 2.2 BlockSwap",
@@ -189,4 +292,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "wan22BlockSwapSequencer": "WAN22 BlockSwap Sequencer",
     "WAN22BlockSwapLooper": "WAN 2.2 BlockSwap Looper (Loop-Aware)",
     "wan22BlockSwapLooper": "WAN 2.2 BlockSwap Looper (Loop-Aware, legacy id)",
+    "WANModelLoader": "WAN Model Loader",
+    "WAN22BlockSwapLoader": "WAN BlockSwap Model Loader",
 }

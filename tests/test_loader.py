@@ -252,3 +252,63 @@ def test_identify_wan_pure():
     assert identify_wan({**base, "model_type": "s2v"}, False).version == "2.2"
     assert identify_wan({**base, "model_type": "i2v", "in_dim": 36}, True).version == "2.1"
     assert identify_wan({**base, "model_type": "camera_2.2"}, False).variant == "camera"
+
+
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    import folder_paths
+
+    exts = folder_paths.folder_names_and_paths["diffusion_models"][1]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path)], exts))
+    return tmp_path
+
+
+LOADER_ARGS = dict(wan_version="auto", model_variant="auto", fp8_optimization="disabled", weight_dtype="auto")
+SWAP_ARGS = dict(offload_txt_emb=False, offload_img_emb=False, use_non_blocking=True, vace_blocks_to_swap=0,
+                 prefetch_blocks=1, block_swap_debug=False)
+
+
+def test_loader_nodes_list_files_and_load(model_dir):
+    from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, WANModelLoader
+
+    sd = tiny_sd()
+    write_st(model_dir, sd, "a.safetensors")
+    (model_dir / "sub").mkdir()
+    write_gguf(model_dir / "sub", sd, name="b.gguf")
+    inputs = NODE_CLASS_MAPPINGS["WANModelLoader"].INPUT_TYPES()["required"]
+    assert inputs["safetensors_model"][0] == ["none", "a.safetensors"]
+    assert inputs["gguf_model"][0] == ["none", "sub/b.gguf"]
+    assert list(inputs) == ["model_type", "safetensors_model", "gguf_model", "wan_version", "model_variant",
+                            "fp8_optimization", "weight_dtype"]
+    assert all("tooltip" in spec[1] for spec in inputs.values())
+    (plain,) = WANModelLoader().load("safetensors", "a.safetensors", "none", **LOADER_ARGS)
+    assert sample(plain).equal(sample(reference(sd)))
+    (q,) = WANModelLoader().load("gguf", "a.safetensors", "sub/b.gguf", **LOADER_ARGS)
+    assert isinstance(q.model.diffusion_model.blocks[0].ffn[0].weight, GGUFTensor)
+    with pytest.raises(BlockSwapError, match="no gguf file is chosen"):
+        WANModelLoader().load("gguf", "a.safetensors", "none", **LOADER_ARGS)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_blockswap_loader_packs_masters_at_load(model_dir, fmt):
+    from wan22_blockswap.nodes import WAN22BlockSwapLoader, WANModelLoader
+
+    sd = tiny_sd()
+    write_st(model_dir, sd, "a.safetensors")
+    write_gguf(model_dir, sd, name="b.gguf")
+    files = ("a.safetensors", "b.gguf")
+    (plain,) = WANModelLoader().load(fmt, *files, **LOADER_ARGS)
+    (swapped,) = WAN22BlockSwapLoader().load(fmt, *files, **LOADER_ARGS, blocks_to_swap=5, **SWAP_ARGS,
+                                             unique_id="3")
+    dm = swapped.model.diffusion_model
+    engine = _ENGINES[dm]
+    raw = sum(torch.Tensor.numel(p) * p.element_size() for u in engine._units for p in u.module.parameters())
+    # the streamed blocks already sit in their host masters, in their stored form (GGUF: quantized)
+    assert engine.plan.block_indices == (3, 4, 5, 6, 7) and engine.tracker.host_bytes >= raw > 0
+    for u in engine._units:
+        for p in u.module.parameters():
+            assert u.master.data_ptr() <= p.data_ptr() < u.master.data_ptr() + u.master.numel()
+    fp32 = sum(v.numel() * 4 for k, v in sd.items() if k.split(".")[:2] in [["blocks", str(i)] for i in range(3, 8)])
+    assert (raw < fp32 / 3) if fmt == "gguf" else (raw == fp32)
+    assert swapped.model_size() < plain.model_size()  # the streamed part is not counted as resident
+    assert sample(swapped).equal(sample(plain))
