@@ -5,6 +5,8 @@ position): never rename or reorder them.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from .config import SwapSettings
 
 CATEGORY = "WAN22 BlockSwap"
@@ -39,6 +41,48 @@ def swap_inputs() -> dict:
     }
 
 
+def budget_input() -> dict:
+    """The optional automatic mode (optional, so saved workflows without it keep loading)."""
+    from .budget import AUTO_CHOICES
+
+    return {"vram_budget": (list(AUTO_CHOICES), {"default": "off", "tooltip":
+        "off: swap blocks_to_swap blocks. auto: choose the count from the GPU memory free now (what "
+        "ComfyUI could free, minus --reserve-vram). A card preset (e.g. 12 GB / 480p): choose it for "
+        "that card. Both use the model's measured block sizes, the slot ring and an activation "
+        "estimate for that video size at 81 frames (an estimate, not yet measured on a GPU); the "
+        "choice and why are shown on the node and in the log."})}
+
+
+def free_device_bytes(patcher) -> Optional[int]:
+    """GPU memory this model may use: free now, plus what ComfyUI can unload, minus --reserve-vram.
+    None on a CPU (auto needs a GPU)."""
+    dev = patcher.load_device
+    if dev.type != "cuda":
+        return None
+    import comfy.model_management as mm
+
+    reclaimable = sum(lm.model_loaded_memory() for lm in mm.current_loaded_models if lm.device == dev)
+    return max(0, int(mm.get_free_memory(dev)) + int(reclaimable) - int(mm.extra_reserved_memory()))
+
+
+def apply_budget(patcher, settings, choice: str):
+    """``settings`` with blocks_to_swap chosen for ``choice`` (unchanged for "off"), and the line
+    that explains it ("" for "off")."""
+    from dataclasses import replace
+
+    from .budget import auto_blocks_for
+
+    if choice in (None, "off"):
+        return settings, ""
+    try:
+        result = auto_blocks_for(patcher.get_model_object("diffusion_model"), choice,
+                                 free_device_bytes(patcher), prefetch_blocks=settings.prefetch_blocks)
+    except ValueError as e:  # auto without a GPU
+        raise ValueError(f"vram_budget {choice!r}: {e}") from e
+    text = result.explanation if result.fits else "WARNING: " + result.explanation
+    return replace(settings, blocks_to_swap=result.blocks_to_swap), text
+
+
 def parse_swap(swap: dict, unique_id=None):
     """The swap widgets' values -> (SwapSettings, debug flag, node id for the readout)."""
     settings = SwapSettings(blocks_to_swap=int(swap["blocks_to_swap"]),
@@ -71,14 +115,15 @@ class WAN22BlockSwap:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP}), **swap_inputs()},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
+                "optional": budget_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model, unique_id=None, **swap):
+    def apply(self, model, unique_id=None, vram_budget="off", **swap):
         from .callbacks import apply_block_swap, send_node_text
 
         settings, debug, node_id = parse_swap(swap, unique_id)
+        settings, why = apply_budget(model, settings, vram_budget)
         out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id)
-        send_node_text(node_id, text)
+        send_node_text(node_id, f"{why}\n{text}" if why else text)
         return (out,)
 
 
@@ -100,13 +145,15 @@ class WAN22BlockSwapLooperModels:
         return {"required": {"model_high": ("MODEL", {"tooltip": "WAN 2.2 high-noise expert (early steps)."}),
                              "model_low": ("MODEL", {"tooltip": "WAN 2.2 low-noise expert (late steps)."}),
                              **swap_inputs()},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
+                "optional": budget_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model_high, model_low, unique_id=None, **swap):
+    def apply(self, model_high, model_low, unique_id=None, vram_budget="off", **swap):
         from .block_manager import SharedRing
         from .looper_helpers import prepare_model_for_loop
 
         settings, debug, node_id = parse_swap(swap, unique_id)
+        # the experts have the same architecture and take turns on the GPU: one plan serves both
+        settings, _why = apply_budget(model_high, settings, vram_budget)
         kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id)
         return (prepare_model_for_loop(model_high, settings, **kw),
                 prepare_model_for_loop(model_low, settings, **kw))
@@ -262,18 +309,20 @@ class WAN22BlockSwapLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {**loader_inputs(), **swap_inputs()}, "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": {**loader_inputs(), **swap_inputs()}, "optional": budget_input(),
+                "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def load(self, model_type, safetensors_model, gguf_model, wan_version, model_variant,
-             fp8_optimization, weight_dtype, unique_id=None, **swap):
+             fp8_optimization, weight_dtype, unique_id=None, vram_budget="off", **swap):
         from .callbacks import apply_block_swap, send_node_text
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         patcher, _info, text = _load(model_type, safetensors_model, gguf_model, for_swap=True,
                                      wan_version=wan_version, model_variant=model_variant,
                                      fp8_optimization=fp8_optimization, weight_dtype=weight_dtype)
+        settings, why = apply_budget(patcher, settings, vram_budget)
         out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True)
-        send_node_text(node_id, f"{text}\n{swap_text}")
+        send_node_text(node_id, "\n".join(t for t in (text, why, swap_text) if t))
         return (out,)
 
 

@@ -7,16 +7,17 @@ Two phases, so a bad file is refused before anything is allocated:
 * ``scan_weights(path)`` reads only the header and returns one :class:`TensorEntry` per tensor
   (key, stored type, logical shape, byte range), after checking that every byte range lies inside
   the file (a truncated download fails here, naming the file and the tensor).
-* ``read_weights(path, entries, transform)`` reads each tensor's bytes with ``readinto`` straight
-  into a tensor allocated for it, then calls ``transform(key, tensor)`` (dtype conversion, fp8
-  quantization) before the next one is read.
+* ``read_weights(path, entries, transform)`` copies each tensor's bytes into a tensor allocated for
+  it (its byte range is memory-mapped, copied with torch's multi-threaded copy and unmapped again),
+  then calls ``transform(key, tensor)`` (dtype conversion, fp8 quantization) before the next one.
 
-Why ``readinto`` rather than a memory map: a mapped file's pages count in the process' RSS once
-touched, and a loader that maps the file and then copies it into parameters holds both (about twice
-the file). Reading into owned tensors keeps the peak at about the file size (plus one tensor for a
-transform), the tensors are writable (a read-only GGUF map faults on an in-place write), and once
-the file is closed nothing ties the model to it. The OS page cache still caches the file, outside
-the process.
+Why copy tensor by tensor rather than keep a memory map of the whole file: a mapped file's pages
+count in the process' RSS once touched, and a loader that maps the whole file and then copies it
+into parameters holds both (about twice the file). Unmapping each range right after its copy keeps
+the peak at about the file size (plus one tensor for a transform), the tensors are writable (a
+read-only GGUF map faults on an in-place write), and nothing ties the model to the file afterwards.
+Mapping + ``copy_`` measured 3-7x faster than ``readinto`` into fresh tensors (page faults are
+taken in bulk). The OS page cache still caches the file, outside the process.
 
 GGUF tensors of quantized types become :class:`gguf_reader.GGUFTensor` (raw bytes + type +
 logical shape); F32/F16/BF16 become plain tensors. Keys lose a ``model.diffusion_model.`` /
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -45,7 +48,6 @@ _ST_DTYPES = {
     "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-_CHUNK = 64 * 1024 * 1024  # bytes per readinto call: bounded syscalls, no big temporaries
 
 
 class WeightFileError(ValueError):
@@ -192,19 +194,23 @@ def read_weights(path, entries: List[TensorEntry], transform: Optional[Transform
     """
     path = os.fspath(path)
     out: Dict[str, torch.Tensor] = {}
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb") as f, warnings.catch_warnings():
+        # torch.frombuffer warns that a read-only map is not writable: it is only read from
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
         for e in sorted(entries, key=lambda e: e.offset):
             raw = torch.empty(e.nbytes, dtype=torch.uint8)
-            view = memoryview(raw.numpy())
-            f.seek(e.offset)
-            done = 0
-            while done < e.nbytes:
-                got = f.readinto(view[done:done + _CHUNK])
-                if not got:
+            if e.nbytes:
+                if os.fstat(f.fileno()).st_size < e.offset + e.nbytes:  # a map past the end would fault
                     raise WeightFileError(f"{path}: the file ended inside tensor {e.key!r}; it changed "
                                           "or was truncated while loading")
-                done += got
-            del view
+                start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+                mapped = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, offset=start, access=mmap.ACCESS_READ)
+                try:
+                    src = torch.frombuffer(mapped, dtype=torch.uint8, offset=e.offset - start, count=e.nbytes)
+                    raw.copy_(src)
+                    del src  # the map cannot close while a tensor still exports it
+                finally:
+                    mapped.close()
             if e.dtype is None:
                 t = GGUFTensor.wrap(raw, e.stored, e.shape)
             else:
