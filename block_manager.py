@@ -134,6 +134,7 @@ class BlockSwapTracker:
     copy_seconds: float = 0.0  # host time spent in synchronous copies (CPU path)
     copy_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events / host clock)
     stall_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events)
+    unit_copies: Dict[str, int] = field(default_factory=dict)  # per unit; filled by count_new_copies
     timings_dropped: int = 0
 
     def reset_counters(self) -> None:
@@ -144,6 +145,16 @@ class BlockSwapTracker:
         self.hook_seconds = self.copy_seconds = 0.0
         self.copy_ms.clear()
         self.stall_ms.clear()
+        self.unit_copies.clear()
+
+    def count_new_copies(self, before: Sequence[Optional[str]]) -> None:
+        """Count one copy for every unit that occupies a slot now and did not before (``before``: a
+        snapshot of ``slot_owner`` taken before the engine's ``before_unit``). Exact, because a unit
+        is only copied into a slot when it is in none, and the units a call copies are protected from
+        eviction within that call. The debug readout uses it for per-unit copy counts."""
+        for k, name in enumerate(self.slot_owner):
+            if name is not None and (k >= len(before) or before[k] != name):
+                self.unit_copies[name] = self.unit_copies.get(name, 0) + 1
 
     def summary(self) -> Dict[str, object]:
         return {
@@ -155,13 +166,18 @@ class BlockSwapTracker:
             "pinned_bytes": self.pinned_bytes,
             "h2d_bytes": self.h2d_bytes,
             "d2h_bytes": self.d2h_bytes,
+            "setup_d2h_bytes": self.setup_d2h_bytes,
             "copies": self.copies,
             "prefetch_hits": self.prefetch_hits,
             "stalls": self.stalls,
             "slot_reuses": self.slot_reuses,
             "forwards": self.forwards,
+            "schedule_updates": self.schedule_updates,
+            "max_bound_units": self.max_bound_units,
             "copy_ms": round(sum(self.copy_ms.values()), 3),
             "stall_ms": round(sum(self.stall_ms.values()), 3),
+            "timings_dropped": self.timings_dropped,
+            "pageable_reason": self.pageable_reason,
         }
 
     def format_summary(self) -> str:
@@ -176,6 +192,26 @@ class BlockSwapTracker:
         if self.copy_ms or self.stall_ms:
             text += f"; copy {s['copy_ms']:.1f} ms, stall {s['stall_ms']:.1f} ms"
         return text
+
+    def unit_detail(self) -> List[Dict[str, object]]:
+        """Per streamed unit: copies, copy and stall time of this run, and where its weights are (the
+        host master; ``slot``: a device slot still holding a copy, reused without copying if the
+        unit runs next)."""
+        slot_of = {name: k for k, name in enumerate(self.slot_owner) if name is not None}
+        return [{"unit": name,
+                 "copies": self.unit_copies.get(name, 0),
+                 "copy_ms": round(self.copy_ms.get(name, 0.0), 3),
+                 "stall_ms": round(self.stall_ms.get(name, 0.0), 3),
+                 "location": self.location.get(name, "not packed"),
+                 "slot": slot_of.get(name)}
+                for name in self.units]
+
+    def format_units(self) -> str:
+        """:meth:`unit_detail` as one line per unit, for the debug log."""
+        return "\n".join(
+            f"  {d['unit']}: {d['copies']} copies, copy {d['copy_ms']:.2f} ms, stall {d['stall_ms']:.2f} ms, "
+            f"{d['location']}" + (f" (copy kept in slot {d['slot']})" if d["slot"] is not None else "")
+            for d in self.unit_detail())
 
 
 class BlockSwapEngine:

@@ -15,7 +15,8 @@ Mechanism, and why it is this one:
 2. **Keyed callbacks carry the lifecycle.** ON_PRE_RUN (every sampling run, after ComfyUI's load) packs
    host masters if needed, allocates the ring and fixes the accounting; it does not rely on ON_LOAD,
    which ComfyUI skips when a loaded model or a clone of it is reused. ON_CLEANUP (after every
-   sampler call) writes the run summary. ON_DETACH (clone switches, unload, ``__del__``; possibly
+   sampler call) writes the run summary to the log and the node (with ``block_swap_debug`` also
+   per-unit detail and a JSON trace file for bug reports). ON_DETACH (clone switches, unload, ``__del__``; possibly
    twice) releases the device ring; host masters stay bound, so reuse costs nothing. All are keyed,
    idempotent and never raise out of a detach.
 3. **A DIFFUSION_MODEL wrapper** brackets each forward (begin/end of the learned schedule, so the end
@@ -29,25 +30,31 @@ Mechanism, and why it is this one:
    ``model_loaded_weight_memory`` is set to the bytes really on the load device plus the ring. The
    clone gets its own ``patches_uuid``, so when another clone of the same weights was loaded
    last, ComfyUI unpatches and reloads rather than handing us someone else's patched weights.
-6. **Dynamic VRAM** (``ModelPatcherDynamic``, ComfyUI's default on NVIDIA): ComfyUI then streams
+6. **Pre-flight at apply time** (:func:`preflight`), before the clone exists: host RAM for the host
+   copies of every model the node prepares (both WAN 2.2 experts together) or a clear error; a
+   note when ComfyUI's pinned-memory cap leaves part of them pageable; a warning when the weights
+   left on the GPU exceed 90 % of the card.
+7. **Dynamic VRAM** (``ModelPatcherDynamic``, ComfyUI's default on NVIDIA): ComfyUI then streams
    weights itself and its patcher cannot take object-patched blocks, so the node passes the model
    through unchanged and says so in the log and on the node. ``--disable-dynamic-vram`` enables the pack.
 """
 from __future__ import annotations
 
 import itertools
-import logging
+import time
 import uuid
 import weakref
-from dataclasses import replace
-from typing import Dict, List, Optional
+from dataclasses import asdict, replace
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .block_manager import BlockSwapEngine, SharedRing, check_streamable, packed_bytes
-from .config import BlockSwapError, SwapPlan, tensor_bytes, unwrap
-from .utils import device_memory, format_bytes, get_logger
+from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
+from .utils import (VRAM_LIMIT, __version__, device_name, device_total_memory, format_bytes, get_logger,
+                    host_available_bytes, host_ram_message, pin_budget_message, trace_directory,
+                    vram_message, write_trace)
 
 log = get_logger("comfy")
 
@@ -175,7 +182,7 @@ class SwapController:
             engine.teardown(device=offload)
             engine = None
         if engine is None:
-            engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings)),
+            engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings, model)),
                                      device, offload, unit_modules=self.targets)
             _ENGINES[model] = engine
         return engine
@@ -307,7 +314,12 @@ class SwapController:
     def run_unit(self, name: str, target: nn.Module, args, kwargs):
         engine = self.ready_engine()
         index = self._index[name]
-        engine.before_unit(index)
+        if self.debug:  # per-unit copy counts for the debug readout: what entered a slot in this call
+            before = list(engine.tracker.slot_owner)
+            engine.before_unit(index)
+            engine.tracker.count_new_copies(before)
+        else:
+            engine.before_unit(index)
         try:
             return target(*args, **kwargs)
         finally:
@@ -320,9 +332,22 @@ class SwapController:
         if engine is None or not engine.is_setup:
             return
         text = cleanup_loop_blockswap(engine, patcher.load_device)
+        log.info("%s", text)
         if self.debug:
-            log.info("%s | %s", text, engine.tracker.format_summary())
+            t = engine.tracker
+            log.info("block swap run detail: %s\n%s", t.format_summary(), t.format_units())
+            self._write_trace(engine, patcher)
         send_node_text(self.node_id, text)
+
+    def _write_trace(self, engine: BlockSwapEngine, patcher) -> None:
+        """The debug trace file; a trace that cannot be written is a warning, never a failed run."""
+        try:
+            path = write_trace(run_trace(self, engine, patcher), trace_directory(), self.node_id)
+        except Exception as err:  # noqa: BLE001 - disk full, read-only dir, odd values...
+            log.warning("block swap: could not write the debug trace (%s: %s); the run is not affected",
+                        type(err).__name__, err)
+            return
+        log.info("block swap: debug trace written to %s", path)
 
     def on_detach(self, patcher, unpatch_all=True) -> None:
         """Release the device ring. Runs on clone switches, unloads and from ``__del__`` (maybe twice,
@@ -350,17 +375,29 @@ def full_model_size(patcher) -> int:
     return visible + hidden
 
 
-def with_pin_budget(settings):
+def with_pin_budget(settings, model: Optional[nn.Module] = None):
     """Cap pinning at what ComfyUI still allows (it limits pinned RAM, e.g. about 40 % on Windows)
-    unless the settings name a budget; beyond it masters stay pageable, with a log line."""
+    unless the settings name a budget; beyond it masters stay pageable, with a log line. ``model``'s
+    own engine is left out of what is already pinned (its masters are the ones being budgeted)."""
     if settings.pin_budget_bytes is not None:
         return settings
+    left = pin_budget_left(exclude=() if model is None else (id(model),))
+    return settings if left is None else replace(settings, pin_budget_bytes=left)
+
+
+def pin_budget_left(exclude: Iterable[int] = ()) -> Optional[int]:
+    """Bytes that may still be pinned under ComfyUI's cap (``MAX_PINNED_MEMORY``; None: no cap):
+    the cap less ComfyUI's own pins and less what the engines of other models pinned (our pins go
+    through cudaHostRegister, not ComfyUI's registry, so its total does not include them).
+    ``exclude``: ids of diffusion models whose engines are not counted."""
     import comfy.model_management as mm
 
     cap = getattr(mm, "MAX_PINNED_MEMORY", -1)
     if cap is None or cap <= 0:
-        return settings
-    return replace(settings, pin_budget_bytes=max(0, int(cap - getattr(mm, "TOTAL_PINNED_MEMORY", 0))))
+        return None
+    skip = set(exclude)
+    ours = sum(e.tracker.pinned_bytes for m, e in list(_ENGINES.items()) if id(m) not in skip)
+    return max(0, int(cap - getattr(mm, "TOTAL_PINNED_MEMORY", 0) - ours))
 
 
 def is_gguf_quantized(param) -> bool:
@@ -387,11 +424,16 @@ def send_node_text(node_id: Optional[str], text: str) -> None:
 
 
 def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
-                     ring: Optional[SharedRing] = None, pack_masters: bool = False):
+                     ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = ()):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
-    ``(model, text)`` with a one-line description of what was done for the node's readout.
-    ``pack_masters``: copy the streamed units into their host masters now, not at the first run."""
-    from .config import detect_layout, plan_swap
+    ``(model, text)`` with a description of what was done for the node's readout (one line, plus a
+    line per pre-flight warning). ``pack_masters``: copy the streamed units into their host masters
+    now, not at the first run. ``others``: block-swap clones the same node prepared before this one
+    (the looper nodes): nothing of theirs is packed yet, so the host RAM check covers them too.
+
+    Raises :class:`BlockSwapError` before anything is changed (no clone, no engine) when the
+    model cannot be swapped or the host RAM cannot hold the host copies (see :func:`preflight`)."""
+    from .config import detect_layout
 
     if getattr(patcher, "is_dynamic", lambda: False)():
         text = ("Dynamic VRAM is active: ComfyUI streams the weights itself, so block swap leaves this "
@@ -402,9 +444,13 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     layout = detect_layout(diffusion_model)
     settings = clamp_settings(settings, layout)
     plan = plan_swap(layout, settings)
-    for name in plan.units:  # refuse what cannot stream now, not in the middle of a run
-        for p in unwrap(diffusion_model.get_submodule(name)).parameters():
+    targets = {name: unwrap(diffusion_model.get_submodule(name)) for name in plan.units}
+    for name, target in targets.items():  # refuse what cannot stream now, not in the middle of a run
+        for p in target.parameters():
             check_streamable(p, name)
+    notes = preflight(patcher, diffusion_model, layout, settings, plan, targets, others)
+    for note in notes:
+        log.warning("block swap: %s", note)
     from .looper_helpers import reset_model_blockswap_state
 
     clone = patcher.clone()
@@ -413,7 +459,7 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     if not plan.units:
         text = f"Block swap off: all {layout.num_blocks} blocks resident."
         log.info("block swap: %s", text)
-        return clone, text
+        return clone, "\n".join([text, *notes])
     controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id, ring=ring)
     controller.install(clone)
     if pack_masters:
@@ -425,7 +471,138 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
             + ("; pinned async copies" if settings.use_non_blocking and patcher.load_device.type == "cuda"
                else "; synchronous copies"))
     log.info("%s", text)
-    return clone, text
+    return clone, "\n".join([text, *notes])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-flight checks at node apply time: the figures come from the model, the verdicts from utils.
+
+def streamed_modules(patcher) -> List[nn.Module]:
+    """The real blocks behind a block-swap clone's stand-ins (none for other patchers)."""
+    return [v.swapped_module for v in patcher.object_patches.values() if isinstance(v, StreamedUnit)]
+
+
+def host_bytes_needed(modules: Iterable[nn.Module]) -> int:
+    """Host RAM that packing the host masters of ``modules`` adds. The engine's own pack-time rule:
+    a unit whose weights are already in host RAM is repacked in place, one unit at a time (its old
+    storage is freed as it is rebound), so all such units together need one unit of headroom; a
+    unit held elsewhere (on the GPU under --highvram / --gpu-only) needs all of its bytes. Masters
+    that live engines already hold are in RAM, so they count only as that headroom."""
+    moved = headroom = 0
+    seen = set()
+    for m in modules:
+        if id(m) in seen:  # clones of one model stream the same modules
+            continue
+        seen.add(id(m))
+        size = packed_bytes(m)
+        if all(p.device.type == "cpu" for p in m.parameters()):
+            headroom = max(headroom, size)
+        else:
+            moved += size
+    return moved + headroom
+
+
+def preflight(patcher, diffusion_model: nn.Module, layout: ModelLayout, settings: SwapSettings,
+              plan: SwapPlan, targets: Dict[str, nn.Module], others: Sequence = ()) -> List[str]:
+    """Checks before the node changes anything. Raises :class:`BlockSwapError` when host RAM cannot
+    hold the host copies of this model's streamed blocks together with those of ``others`` (clones
+    prepared by the same node, not run yet: both WAN 2.2 experts are prepared before either runs).
+    Returns warnings: part of the masters will be pageable (ComfyUI's pin cap), the resident weights
+    exceed 90 % of the card."""
+    notes: List[str] = []
+    prepared = [(o.model.diffusion_model, streamed_modules(o)) for o in others]
+    prepared = [(dm, mods) for dm, mods in prepared if mods]
+    modules = list(targets.values()) + [m for _, mods in prepared for m in mods]
+    models = {id(dm) for dm, _ in prepared} | ({id(diffusion_model)} if targets else set())
+    if modules:
+        what = "this model" if len(models) == 1 else f"the {len(models)} models this node prepares"
+        error = host_ram_message(host_bytes_needed(modules), host_available_bytes(), what)
+        if error:
+            raise BlockSwapError(error)
+        if patcher.load_device.type == "cuda" and settings.use_non_blocking:
+            budget = settings.pin_budget_bytes if settings.pin_budget_bytes is not None else pin_budget_left(models)
+            masters = sum(packed_bytes(m) for m in {id(m): m for m in modules}.values())
+            note = pin_budget_message(masters, budget)
+            if note:
+                notes.append(note)
+    note = vram_preflight(patcher, diffusion_model, layout, settings, plan)
+    if note:
+        notes.append(note)
+    return notes
+
+
+def vram_preflight(patcher, diffusion_model: nn.Module, layout: ModelLayout, settings: SwapSettings,
+                   plan: SwapPlan) -> Optional[str]:
+    """On CUDA: a warning when the weights that stay on the GPU with ``plan`` (the resident part plus
+    the ring) exceed 90 % of the card, with the smallest blocks_to_swap that fits, or a louder one
+    when even streaming everything would not fit. Never raises: ComfyUI may still cope (lowvram)."""
+    total = device_total_memory(patcher.load_device)
+    if total is None:
+        return None
+    full = full_model_size(patcher)
+    # every unit that could stream: the figures for "more blocks" and "everything swapped"
+    everything = plan_swap(layout, replace(settings, blocks_to_swap=layout.num_blocks,
+                                           vace_blocks_to_swap=layout.num_vace_blocks,
+                                           offload_txt_emb=True, offload_img_emb=True))
+    modules = {n: unwrap(diffusion_model.get_submodule(n)) for n in everything.units}
+    raw = {n: sum(tensor_bytes(p) for p in m.parameters()) for n, m in modules.items()}
+    slot = {n: packed_bytes(m) for n, m in modules.items()}
+
+    def on_gpu(p: SwapPlan) -> int:
+        return full - sum(raw[u] for u in p.units) + p.slots * max((slot[u] for u in p.units), default=0)
+
+    need = on_gpu(plan)
+    if need <= VRAM_LIMIT * total:
+        return None
+    fit = next((n for n in range(settings.blocks_to_swap + 1, layout.num_blocks + 1)
+                if on_gpu(plan_swap(layout, replace(settings, blocks_to_swap=n))) <= VRAM_LIMIT * total), None)
+    return vram_message(need, total, need_all_swapped=on_gpu(everything), fit_blocks=fit)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Debug trace: what a bug report needs about one sampling run.
+
+def run_trace(controller: SwapController, engine: BlockSwapEngine, patcher) -> dict:
+    """The JSON-ready record of the run that just ended (``block_swap_debug``)."""
+    from .looper_helpers import run_figures
+
+    device = patcher.load_device
+    plan, t = engine.plan, engine.tracker
+    units = t.unit_detail()
+    for d in units:
+        target = controller.targets.get(d["unit"])
+        d["bytes"] = packed_bytes(target) if target is not None else None
+    return {
+        "trace_format": 1,
+        "pack_version": __version__,
+        "torch_version": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "comfyui_version": _comfyui_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "node_id": controller.node_id,
+        "device": {"load_device": str(device), "name": device_name(device),
+                   "total_memory": device_total_memory(device)},
+        "model": {"patcher": type(patcher).__name__, "layout": asdict(plan.layout),
+                  "size": getattr(patcher, "size", None),
+                  "loaded_weight_memory": getattr(patcher.model, "model_loaded_weight_memory", None),
+                  "lowvram": bool(getattr(patcher.model, "model_lowvram", False))},
+        "plan": {"units": list(plan.units), "block_indices": list(plan.block_indices),
+                 "vace_indices": list(plan.vace_indices), "resident_blocks": list(plan.resident_blocks),
+                 "slots": plan.slots, "slot_bytes": t.slot_bytes, "ring_bytes": engine.device_bytes,
+                 "shared_ring": engine.shared_ring is not None},
+        "settings": asdict(engine.settings),
+        "summary": t.summary(),
+        "units": units,
+        "memory": run_figures(engine, device)["memory"],
+    }
+
+
+def _comfyui_version() -> Optional[str]:
+    try:
+        import comfyui_version  # ComfyUI's root module; absent outside ComfyUI
+        return str(comfyui_version.__version__)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def clamp_settings(settings, layout):

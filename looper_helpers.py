@@ -23,7 +23,7 @@ import torch
 
 from .block_manager import BlockSwapEngine, SharedRing
 from .config import SwapSettings
-from .utils import device_memory, format_bytes, get_logger, host_rss_bytes
+from .utils import device_memory, format_bytes, get_logger, host_available_bytes, host_rss_bytes
 
 log = get_logger("looper")
 
@@ -34,13 +34,14 @@ def is_model(x) -> bool:
 
 
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
-                           prepared: Optional[Dict[int, Tuple[Any, Any]]] = None, debug: bool = False,
+                           prepared: Optional[Dict[int, Tuple[Any, Any, str]]] = None, debug: bool = False,
                            node_id: Optional[str] = None):
     """A block-swap clone of ``model`` for reuse in every loop (``None`` stays ``None``).
 
-    ``prepared`` maps ``id(model)`` to ``(model, clone)``: a model that appears in several segments
-    is prepared once and every segment gets the same clone. ``ring`` shares device slots with the
-    other models of the pipeline.
+    ``prepared`` maps ``id(model)`` to ``(model, clone, text)``: a model that appears in several
+    segments is prepared once and every segment gets the same clone; the host RAM check counts the
+    models in it together (none of them has run yet); the node shows the texts of all of them.
+    ``ring`` shares device slots with the other models of the pipeline.
     """
     if model is None:
         return None
@@ -48,32 +49,75 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
         return prepared[id(model)][1]
     if not is_model(model):
         raise TypeError(f"expected a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
-    from .callbacks import apply_block_swap
+    from .callbacks import apply_block_swap, send_node_text
 
-    clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring)
+    # The models this node prepared before are not packed yet: the host RAM check covers them too.
+    others = [entry[1] for entry in prepared.values()] if prepared else []
+    clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others)
     if debug:
         log.info("looper: %s", text)
-    if prepared is not None:
-        prepared[id(model)] = (model, clone)  # keeps `model` alive so its id cannot be reused
+    if prepared is None:
+        send_node_text(node_id, text)
+        return clone
+    prepared[id(model)] = (model, clone, text)  # keeps `model` alive so its id cannot be reused
+    # One node shows one text: every model prepared so far, identical descriptions once.
+    send_node_text(node_id, "\n".join(dict.fromkeys(entry[2] for entry in prepared.values())))
     return clone
 
 
 def cleanup_loop_blockswap(engine: BlockSwapEngine, device=None) -> str:
     """After a sampler call: evict anything still bound to a slot (an interrupted run), read the
-    finished timing events, and return the run's one-line summary. Masters, patch routing and the
-    ring stay: the next loop needs them."""
+    finished timing events, and return the run's summary for the log and the node (two lines).
+    Masters, patch routing and the ring stay: the next loop needs them."""
     engine.end_run()
-    t = engine.tracker
-    plan = engine.plan
-    text = (f"Block swap: {len(plan.units)} units streamed, {len(plan.resident_blocks)} blocks resident; "
-            f"{format_bytes(t.h2d_bytes / max(1, t.forwards))} H2D per forward, {t.stalls} stalls")
+    return format_run_text(run_figures(engine, device))
+
+
+def run_figures(engine: BlockSwapEngine, device=None) -> Dict[str, Any]:
+    """The figures of the run that just ended: what streamed, bytes moved, copy/stall time, peak
+    VRAM (this run's: ON_PRE_RUN resets the peak), host masters, pinned bytes, process RSS."""
+    t, plan = engine.tracker, engine.plan
+    overlapped = engine.compute_device.type == "cuda" and engine.settings.use_non_blocking
+    copy_ms = sum(t.copy_ms.values())
     mem = device_memory(device) if device is not None else {}
-    if mem:
-        text += (f"; peak VRAM {format_bytes(mem['peak_allocated'])} allocated, "
-                 f"{format_bytes(mem['peak_reserved'])} reserved")
-    else:  # no device counters (CPU): the host side is what there is to show
-        text += f"; host RSS {format_bytes(host_rss_bytes())}"
-    return text
+    return {
+        "streamed_units": len(plan.units),
+        "resident_blocks": len(plan.resident_blocks),
+        "forwards": t.forwards,
+        "h2d_bytes": t.h2d_bytes,
+        "h2d_per_forward": t.h2d_bytes // max(1, t.forwards),
+        "copies": t.copies,
+        "stalls": t.stalls,
+        "overlapped_copies": overlapped,
+        "copy_ms": round(copy_ms, 3),
+        # Without a copy stream every copy blocks the compute that needs it: all copy time is stall.
+        "stall_ms": round(sum(t.stall_ms.values()) if overlapped else copy_ms, 3),
+        "memory": {
+            "vram": mem or None,  # None: no device counters (CPU)
+            "host_master_bytes": t.host_bytes,
+            "pinned_bytes": t.pinned_bytes,
+            "pageable_reason": t.pageable_reason,
+            "host_rss_bytes": host_rss_bytes(),
+            "host_available_bytes": host_available_bytes(),
+        },
+    }
+
+
+def format_run_text(f: Mapping[str, Any]) -> str:
+    """Two short lines from :func:`run_figures`: streaming, then memory."""
+    copies = (f"copy {f['copy_ms']:.1f} ms, stall {f['stall_ms']:.1f} ms ({f['stalls']} stalls)"
+              if f["overlapped_copies"] else f"copy {f['copy_ms']:.1f} ms, synchronous (all stall)")
+    line1 = (f"Block swap run: {f['streamed_units']} units streamed, {f['resident_blocks']} blocks resident; "
+             f"{f['forwards']} forwards, {format_bytes(f['h2d_per_forward'])} H2D per forward; {copies}")
+    m = f["memory"]
+    vram = (f"VRAM peak {format_bytes(m['vram']['peak_allocated'])} allocated, "
+            f"{format_bytes(m['vram']['peak_reserved'])} reserved" if m["vram"] else "VRAM peak n/a (CPU)")
+    pinned = f"{format_bytes(m['pinned_bytes'])} pinned"
+    if f["overlapped_copies"] and m["pinned_bytes"] < m["host_master_bytes"]:
+        pinned += f", {format_bytes(m['host_master_bytes'] - m['pinned_bytes'])} pageable"
+    line2 = (f"{vram}; host masters {format_bytes(m['host_master_bytes'])} ({pinned}), "
+             f"RSS {format_bytes(m['host_rss_bytes'])}")
+    return f"{line1}\n{line2}"
 
 
 def reset_model_blockswap_state(patcher) -> None:
@@ -130,7 +174,7 @@ def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
             if m is not None and not is_model(m):
                 raise ValueError(f"model_clip_sequence[{i}][{j}] must be a MODEL or None, got {type(m).__name__}")
     ring = SharedRing()
-    prepared: Dict[int, Tuple[Any, Any]] = {}
+    prepared: Dict[int, Tuple[Any, Any, str]] = {}
     out = []
     for entry in sequence:
         if entry is None:

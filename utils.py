@@ -1,12 +1,19 @@
-"""Memory readouts, byte formatting and device helpers shared by the engine, nodes and demo."""
+"""Memory readouts, byte formatting, device helpers, pre-flight verdicts (pure functions of byte
+counts) and debug trace files, shared by the engine, nodes and demo."""
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
+import re
+import tempfile
+import time
 from typing import Dict, Optional
 
 import torch
 
+__version__ = "0.1.0"  # the pack's version, written into debug traces; keep in step with pyproject.toml
 LOGGER_NAME = "wan22_blockswap"
 
 
@@ -66,3 +73,113 @@ def memory_report(device) -> str:
                      f"reserved {format_bytes(mem['reserved'])}, "
                      f"peak {format_bytes(mem['peak_allocated'])}")
     return "; ".join(parts)
+
+
+def device_name(device) -> str:
+    """The GPU's name on CUDA, else the device type."""
+    d = torch.device(device)
+    if d.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(d)
+    return d.type
+
+
+def device_total_memory(device) -> Optional[int]:
+    """Total memory of a CUDA device; None for devices without that figure (CPU)."""
+    d = torch.device(device)
+    if d.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(d).total_memory
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-flight verdicts. Pure functions of byte counts, so they are tested without a GPU or a big
+# machine; callbacks.py gathers the numbers and decides what to do with the messages.
+
+VRAM_LIMIT = 0.9  # weights above this share of the card leave too little for activations
+
+_RAM_ADVICE = ("Swap fewer blocks, use an fp8 or GGUF model, close other programs, or add swap space "
+               "(a larger page file on Windows).")
+
+
+def host_ram_message(need: int, available: int, what: str = "this model") -> Optional[str]:
+    """None when the host copies of the streamed blocks (``need`` bytes not yet in RAM) fit in
+    ``available``; else the error message, with the figures and what to do."""
+    if need <= available:
+        return None
+    return (f"not enough host RAM for block swap: the host copies of the streamed blocks of {what} "
+            f"need {format_bytes(need)} more RAM, but only {format_bytes(available)} is available. "
+            + _RAM_ADVICE)
+
+
+def pin_budget_message(masters: int, budget_left: Optional[int]) -> Optional[str]:
+    """None when all ``masters`` bytes can be pinned (``budget_left`` None: no cap); else a note
+    saying how much will stay pageable."""
+    if budget_left is None or masters <= budget_left:
+        return None
+    pageable = masters - max(0, budget_left)
+    return (f"{format_bytes(pageable)} of the {format_bytes(masters)} host copies exceed ComfyUI's "
+            f"pinned-memory cap ({format_bytes(max(0, budget_left))} left) and stay pageable: those "
+            "blocks copy slower and synchronously. Swap fewer blocks or use an fp8/GGUF model to avoid it.")
+
+
+def vram_message(need: int, total: int, *, need_all_swapped: int, fit_blocks: Optional[int],
+                 limit: float = VRAM_LIMIT) -> Optional[str]:
+    """None when ``need`` bytes (resident weights + ring) fit in ``limit`` of the card's ``total``;
+    else a warning. ``need_all_swapped``: the same figure with every block, VACE block and embedding
+    streamed; ``fit_blocks``: the smallest blocks_to_swap that fits (None: no count does)."""
+    budget = limit * total
+    if need <= budget:
+        return None
+    head = (f"the weights that stay on the GPU with this plan ({format_bytes(need)}, resident blocks + "
+            f"ring) exceed {limit:.0%} of the card's {format_bytes(total)}, leaving too little for activations")
+    tail = "offload the text embedding, use an fp8 or GGUF model, or lower the resolution / frame count."
+    if need_all_swapped > budget:
+        return (f"{head}; even with every block swapped they would need {format_bytes(need_all_swapped)}, "
+                "so block swap alone cannot make this model fit. Not stopping: ComfyUI may still run it "
+                "by offloading more weights itself (lowvram mode, much slower). Use an fp8 or GGUF model, "
+                "or lower the resolution / frame count.")
+    if fit_blocks is not None:
+        return f"{head}. Set blocks_to_swap to at least {fit_blocks}, or " + tail
+    return f"{head}. Swap all blocks and also the VACE blocks / embeddings, or " + tail
+
+
+# ------------------------------------------------------------------------------------------------
+# Debug traces: one JSON file per sampling run, for bug reports.
+
+TRACE_PREFIX = "wan22_blockswap_trace_"  # only files named so are ever deleted by the cap
+TRACE_KEEP = 20
+_trace_counter = itertools.count()
+
+
+def trace_directory() -> str:
+    """ComfyUI's temp directory inside ComfyUI, the system's temp directory elsewhere."""
+    try:
+        import folder_paths  # ComfyUI's module; absent outside ComfyUI
+        return folder_paths.get_temp_directory()
+    except Exception:  # noqa: BLE001 - ImportError, or a folder_paths without that function
+        return tempfile.gettempdir()
+
+
+def write_trace(data: dict, directory: str, node_id: Optional[str] = None, keep: int = TRACE_KEEP) -> str:
+    """Write ``data`` as ``<directory>/wan22_blockswap_trace_<time>_<n>_node<id>.json`` and delete the
+    oldest of this pack's traces beyond ``keep``. Returns the path; raises OSError / TypeError when
+    the file cannot be written (the caller decides that a trace never fails a run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    node = re.sub(r"[^A-Za-z0-9_-]", "-", str(node_id)) if node_id else "none"
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{TRACE_PREFIX}{stamp}_{next(_trace_counter):05d}_node{node}.json")
+    text = json.dumps(data, indent=1, default=str)  # serialise first: no half-written file on a bad value
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    _prune_traces(directory, keep)
+    return path
+
+
+def _prune_traces(directory: str, keep: int) -> None:
+    # Names start with a sortable timestamp and a per-process counter: name order is write order.
+    ours = sorted(n for n in os.listdir(directory) if n.startswith(TRACE_PREFIX) and n.endswith(".json"))
+    for name in ours[:max(0, len(ours) - keep)]:
+        try:
+            os.remove(os.path.join(directory, name))
+        except OSError:  # removed meanwhile, or not ours to remove: the cap is best effort
+            get_logger().debug("block swap: could not delete old trace %s", name, exc_info=True)

@@ -1,0 +1,196 @@
+"""Pre-flight checks at node apply time: host RAM for every prepared model, ComfyUI's pin cap, the
+90 % VRAM rule. RAM and VRAM figures are injected; nothing large is allocated."""
+import gc
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+
+from wan22_blockswap import callbacks
+from wan22_blockswap.block_manager import packed_bytes
+from wan22_blockswap.callbacks import _ENGINES, apply_block_swap, full_model_size, pin_budget_left
+from wan22_blockswap.config import BlockSwapError, SwapSettings, tensor_bytes
+from wan22_blockswap.nodes import WAN22BlockSwapLooperModels, WAN22BlockSwapSequencer
+from wan22_blockswap.utils import format_bytes, host_ram_message, pin_budget_message, vram_message
+from test_looper import SETTINGS
+from test_node import load, sample, swap
+
+GIB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def _unload_between_tests():
+    yield
+    mm.unload_all_models()
+    gc.collect()
+
+
+def _available(monkeypatch, nbytes):
+    monkeypatch.setattr(callbacks, "host_available_bytes", lambda: nbytes)
+
+
+def _snapshot(patcher):
+    dm = patcher.model.diffusion_model
+    return (dict(patcher.object_patches), patcher.model_size(),
+            [(id(p), p.data_ptr(), p.device) for p in dm.parameters()])
+
+
+def _blocks(patcher, indices):
+    return [patcher.model.diffusion_model.blocks[i] for i in indices]
+
+
+# --- host RAM ----------------------------------------------------------------------------------
+
+def test_ram_check_fails_before_anything_changes(monkeypatch):
+    model = load()
+    reference = sample(model)
+    before = _snapshot(model)
+    _available(monkeypatch, 1000)  # less than one block: even an in-place repack cannot be done
+    with pytest.raises(BlockSwapError, match=r"not enough host RAM for block swap: .* of this model need "
+                       r"[0-9.]+ KiB more RAM, but only 1000 B is available\. Swap fewer blocks, use an fp8 "
+                       r"or GGUF model, close other programs, or add swap space"):
+        swap(model, 4)
+    assert _snapshot(model) == before  # the input model is untouched
+    assert model.model.diffusion_model not in _ENGINES  # no engine was made
+    assert torch.equal(sample(model), reference)
+
+
+def test_weights_already_in_host_ram_need_one_block_of_headroom(monkeypatch):
+    # Units in RAM are repacked one at a time (the engine's rule), so two experts that already sit
+    # in RAM are not refused for their full size.
+    model = load()
+    block = packed_bytes(model.model.diffusion_model.blocks[7])
+    _available(monkeypatch, block)
+    assert swap(model, 6) is not model
+    _available(monkeypatch, block - 1)
+    with pytest.raises(BlockSwapError, match="not enough host RAM"):
+        swap(model, 6)
+
+
+def _off_host(seed):
+    """A model whose weights are not in host RAM (meta stands in for weights loaded on the GPU,
+    --highvram / --gpu-only): its host copies need all their bytes."""
+    model = load(seed=seed)
+    model.model.diffusion_model.to("meta")
+    return model
+
+
+def test_both_experts_are_summed_for_the_looper_models_node(monkeypatch):
+    high, low = _off_host(0), _off_host(1)
+    one = sum(packed_bytes(b) for b in _blocks(high, range(2, 8)))  # 6 streamed blocks
+    _available(monkeypatch, one * 3 // 2)
+    assert swap(high, 6) is not high and swap(low, 6) is not low  # each alone fits
+    before = (_snapshot(high), _snapshot(low))
+    with pytest.raises(BlockSwapError, match=rf"of the 2 models this node prepares need "
+                       rf"{format_bytes(2 * one)} more RAM, but only {format_bytes(one * 3 // 2)}"):
+        WAN22BlockSwapLooperModels().apply(high, low, **SETTINGS)
+    assert (_snapshot(high), _snapshot(low)) == before
+    assert high.model.diffusion_model not in _ENGINES and low.model.diffusion_model not in _ENGINES
+    with pytest.raises(BlockSwapError, match="of the 2 models this node prepares"):
+        WAN22BlockSwapSequencer().apply([(high, low, None), (high, None, None)] + [None] * 8, **SETTINGS)
+    _available(monkeypatch, 2 * one)
+    ph, pl = WAN22BlockSwapLooperModels().apply(high, low, **SETTINGS)  # both fit: prepared
+    assert ph is not high and pl is not low
+
+
+def test_clones_of_one_model_are_counted_once(monkeypatch):
+    model = _off_host(0)
+    one = sum(packed_bytes(b) for b in _blocks(model, range(2, 8)))
+    _available(monkeypatch, one)
+    ph, pl = WAN22BlockSwapLooperModels().apply(model, model.clone(), **SETTINGS)  # same weights
+    assert ph is not pl
+    _available(monkeypatch, one - 1)
+    with pytest.raises(BlockSwapError, match="of this model need"):
+        WAN22BlockSwapLooperModels().apply(model, model.clone(), **SETTINGS)
+
+
+def test_ram_message_is_a_pure_function():
+    assert host_ram_message(10, 10) is None
+    msg = host_ram_message(30 * GIB, 12 * GIB, "the 2 models this node prepares")
+    assert "need 30.00 GiB more RAM, but only 12.00 GiB is available" in msg
+    for advice in ("Swap fewer blocks", "fp8 or GGUF", "close other programs", "swap space"):
+        assert advice in msg
+
+
+# --- pinned memory -------------------------------------------------------------------------------
+
+def _as_cuda(model, monkeypatch):
+    """The patcher claims a CUDA load device; nothing runs, so no GPU is needed. The VRAM check
+    is switched off here (its own tests inject a card size)."""
+    model.load_device = torch.device("cuda", 0)
+    monkeypatch.setattr(callbacks, "device_total_memory", lambda device: None)
+    return model
+
+
+def test_pin_cap_is_reported_up_front(monkeypatch, caplog):
+    model = _as_cuda(load(), monkeypatch)
+    masters = sum(packed_bytes(b) for b in _blocks(model, range(4, 8)))
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", masters // 4, raising=False)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 0, raising=False)
+    with caplog.at_level("WARNING", logger="wan22_blockswap"):
+        _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
+    expected = pin_budget_message(masters, masters // 4)
+    assert text.splitlines()[1:] == [expected]
+    assert f"{format_bytes(masters - masters // 4)} of the {format_bytes(masters)} host copies" in expected
+    assert "stay pageable" in expected and "synchronously" in expected
+    assert any(expected in r.getMessage() for r in caplog.records)
+    # no pinning without asynchronous copies, and none under an ample cap
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4, use_non_blocking=False))
+    assert "pageable" not in text
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 10 * masters, raising=False)
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
+    assert "pageable" not in text
+
+
+def test_pin_budget_counts_what_other_engines_pinned(monkeypatch):
+    import types
+
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 10 * GIB, raising=False)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 1 * GIB, raising=False)
+    other = torch.nn.Linear(1, 1)
+    monkeypatch.setitem(_ENGINES, other, types.SimpleNamespace(tracker=types.SimpleNamespace(pinned_bytes=4 * GIB)))
+    assert pin_budget_left() == 5 * GIB
+    assert pin_budget_left(exclude=[id(other)]) == 9 * GIB  # that model's own masters are being budgeted
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", -1, raising=False)
+    assert pin_budget_left() is None  # no cap: ComfyUI pins nothing itself, no limit to report
+    assert pin_budget_message(GIB, None) is None and pin_budget_message(GIB, GIB) is None
+
+
+# --- VRAM: 90 % of the card ----------------------------------------------------------------------
+
+def test_vram_message_is_a_pure_function():
+    assert vram_message(9 * GIB, 10 * GIB, need_all_swapped=GIB, fit_blocks=None) is None
+    msg = vram_message(20 * GIB, 16 * GIB, need_all_swapped=4 * GIB, fit_blocks=30)
+    assert "exceed 90% of the card's 16.00 GiB" in msg and "Set blocks_to_swap to at least 30" in msg
+    assert "text embedding" in msg and "fp8 or GGUF" in msg and "resolution" in msg
+    msg = vram_message(20 * GIB, 16 * GIB, need_all_swapped=14 * GIB, fit_blocks=None)
+    assert "Swap all blocks and also the VACE blocks / embeddings" in msg
+    msg = vram_message(20 * GIB, 16 * GIB, need_all_swapped=15 * GIB, fit_blocks=None)
+    assert "even with every block swapped they would need 15.00 GiB" in msg
+    assert "Not stopping" in msg and "lowvram" in msg
+
+
+def _on_gpu(model, n, slots=2):
+    """Resident weights + ring for the last ``n`` blocks streamed, counted independently."""
+    blocks = _blocks(model, range(8 - n, 8))
+    return (full_model_size(model) - sum(tensor_bytes(p) for b in blocks for p in b.parameters())
+            + slots * max(packed_bytes(b) for b in blocks))
+
+
+def test_vram_check_at_apply_names_the_blocks_needed_and_never_raises(monkeypatch, caplog):
+    model = _as_cuda(load(), monkeypatch)
+    total = int(_on_gpu(model, 6) / 0.9) + 1  # 6 streamed blocks fit in 90 %, 5 do not
+    assert _on_gpu(model, 5) > 0.9 * total
+    monkeypatch.setattr(callbacks, "device_total_memory", lambda device: total)
+    with caplog.at_level("WARNING", logger="wan22_blockswap"):
+        clone, text = apply_block_swap(model, SwapSettings(blocks_to_swap=2))
+    assert "Set blocks_to_swap to at least 6" in text
+    assert any("at least 6" in r.getMessage() for r in caplog.records)
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=6))
+    assert "blocks_to_swap" not in text
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=0))  # off: still warned
+    assert text.startswith("Block swap off") and "at least 6" in text
+    monkeypatch.setattr(callbacks, "device_total_memory", lambda device: 1000)  # hopeless: warn, go on
+    clone, text = apply_block_swap(model, SwapSettings(blocks_to_swap=8))
+    assert clone is not model and "even with every block swapped" in text
