@@ -134,7 +134,7 @@ class BlockSwapTracker:
     copy_seconds: float = 0.0  # host time spent in synchronous copies (CPU path)
     copy_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events / host clock)
     stall_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events)
-    unit_copies: Dict[str, int] = field(default_factory=dict)  # per unit; filled by count_new_copies
+    unit_copies: Dict[str, int] = field(default_factory=dict)  # per unit, this run
     timings_dropped: int = 0
 
     def reset_counters(self) -> None:
@@ -146,15 +146,6 @@ class BlockSwapTracker:
         self.copy_ms.clear()
         self.stall_ms.clear()
         self.unit_copies.clear()
-
-    def count_new_copies(self, before: Sequence[Optional[str]]) -> None:
-        """Count one copy for every unit that occupies a slot now and did not before (``before``: a
-        snapshot of ``slot_owner`` taken before the engine's ``before_unit``). Exact, because a unit
-        is only copied into a slot when it is in none, and the units a call copies are protected from
-        eviction within that call. The debug readout uses it for per-unit copy counts."""
-        for k, name in enumerate(self.slot_owner):
-            if name is not None and (k >= len(before) or before[k] != name):
-                self.unit_copies[name] = self.unit_copies.get(name, 0) + 1
 
     def summary(self) -> Dict[str, object]:
         return {
@@ -587,6 +578,7 @@ class BlockSwapEngine:
             t.copy_seconds += dt
             t.copy_ms[u.name] = t.copy_ms.get(u.name, 0.0) + dt * 1e3
         t.copies += 1
+        t.unit_copies[u.name] = t.unit_copies.get(u.name, 0) + 1
         t.h2d_bytes += u.nbytes
 
     def _pick_slot(self, protect: Set[int]) -> int:

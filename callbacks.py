@@ -314,12 +314,7 @@ class SwapController:
     def run_unit(self, name: str, target: nn.Module, args, kwargs):
         engine = self.ready_engine()
         index = self._index[name]
-        if self.debug:  # per-unit copy counts for the debug readout: what entered a slot in this call
-            before = list(engine.tracker.slot_owner)
-            engine.before_unit(index)
-            engine.tracker.count_new_copies(before)
-        else:
-            engine.before_unit(index)
+        engine.before_unit(index)
         try:
             return target(*args, **kwargs)
         finally:

@@ -152,10 +152,11 @@ _trace_counter = itertools.count()
 
 
 def trace_directory() -> str:
-    """ComfyUI's temp directory inside ComfyUI, the system's temp directory elsewhere."""
+    """``<ComfyUI output>/wan22_blockswap_traces`` inside ComfyUI (its temp folder is emptied at every
+    start, and a trace is for attaching to a bug report later), the system's temp directory elsewhere."""
     try:
         import folder_paths  # ComfyUI's module; absent outside ComfyUI
-        return folder_paths.get_temp_directory()
+        return os.path.join(folder_paths.get_output_directory(), "wan22_blockswap_traces")
     except Exception:  # noqa: BLE001 - ImportError, or a folder_paths without that function
         return tempfile.gettempdir()
 

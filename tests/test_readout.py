@@ -38,10 +38,10 @@ def node_texts(monkeypatch):
 
 @pytest.fixture
 def trace_dir(monkeypatch, tmp_path):
-    """ComfyUI's folder_paths, pointing its temp directory at a fresh folder."""
-    fake = types.SimpleNamespace(get_temp_directory=lambda: str(tmp_path / "comfy_temp"))
+    """ComfyUI's folder_paths, pointing its output directory at a fresh folder."""
+    fake = types.SimpleNamespace(get_output_directory=lambda: str(tmp_path / "comfy_out"))
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
-    return tmp_path / "comfy_temp"
+    return tmp_path / "comfy_out" / "wan22_blockswap_traces"
 
 
 def _traces(directory):
@@ -117,7 +117,7 @@ def test_trace_files_are_capped_and_only_the_packs_are_deleted(tmp_path):
 def test_a_trace_that_cannot_be_written_only_warns(node_texts, caplog, monkeypatch, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    fake = types.SimpleNamespace(get_temp_directory=lambda: str(blocker / "temp"))
+    fake = types.SimpleNamespace(get_output_directory=lambda: str(blocker / "output"))
     monkeypatch.setitem(sys.modules, "folder_paths", fake)
     model = load()
     reference = sample(model)
@@ -130,24 +130,18 @@ def test_a_trace_that_cannot_be_written_only_warns(node_texts, caplog, monkeypat
     assert node_texts and "units streamed" in node_texts[-1][1]  # the readout still reached the node
 
 
-def test_tracker_counts_copies_per_unit_from_slot_changes():
-    t = BlockSwapTracker(units=("blocks.6", "blocks.7", "vace_blocks.0"), slots=2)
-    t.slot_owner = [None, None]
-    before = list(t.slot_owner)
-    t.slot_owner[0], t.slot_owner[1] = "blocks.6", "blocks.7"  # a fetch and a prefetch
-    t.count_new_copies(before)
-    before = list(t.slot_owner)
-    t.count_new_copies(before)  # both reused: no copy
-    t.slot_owner[0] = "vace_blocks.0"  # blocks.6 evicted for a VACE block
-    t.count_new_copies(before)
-    t.location = {"blocks.6": "host", "blocks.7": "slot1", "vace_blocks.0": "host"}
+def test_engine_counts_copies_per_unit():
+    model = load()
+    swapped = swap(model, 4, block_swap_debug=True)
+    sample(swapped)
+    t = _ENGINES[swapped.model.diffusion_model].tracker
+    assert set(t.unit_copies) == set(t.units) and all(n >= 1 for n in t.unit_copies.values())
+    assert sum(t.unit_copies.values()) == t.copies  # every copy is some unit's
     detail = {d["unit"]: d for d in t.unit_detail()}
-    assert {n: d["copies"] for n, d in detail.items()} == {"blocks.6": 1, "blocks.7": 1, "vace_blocks.0": 1}
-    assert detail["blocks.7"]["slot"] == 1 and detail["blocks.6"]["slot"] is None
-    assert "blocks.7: 1 copies" in t.format_units() and "(copy kept in slot 1)" in t.format_units()
+    assert {n: d["copies"] for n, d in detail.items()} == t.unit_copies
+    assert f"{t.units[0]}: {t.unit_copies[t.units[0]]} copies" in t.format_units()
     t.reset_counters()
     assert t.unit_copies == {}
-
 
 def test_run_text_with_device_counters_and_pageable_masters():
     gib = 2**30

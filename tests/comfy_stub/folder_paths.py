@@ -12,3 +12,7 @@ def get_folder_paths(folder_name):
 
 def get_temp_directory():
     return os.path.join(tempfile.gettempdir(), "comfy_stub_temp")
+
+
+def get_output_directory():
+    return os.path.join(tempfile.gettempdir(), "comfy_stub_output")
