@@ -182,6 +182,53 @@ def test_ksampler_identical_at_several_block_counts_and_with_lora(server):
         assert torch.equal(_latent(server, f"{tag}_{name}"), lora), name
 
 
+def _pack_loader(node, fmt, name, **extra):
+    inputs = {"model_type": fmt, "safetensors_model": name if fmt == "safetensors" else "none",
+              "gguf_model": name if fmt == "gguf" else "none", "wan_version": "auto", "model_variant": "auto",
+              "fp8_optimization": "disabled", "weight_dtype": "auto", **extra}
+    return {"class_type": node, "inputs": inputs}
+
+
+PACK_GGUF = "wan22bs_tiny_t2v_pack_q8.gguf"
+
+
+def test_pack_loaders_over_the_api(server):
+    """WAN Model Loader and WAN BlockSwap Model Loader as a user runs them: file lists from ComfyUI's
+    model folders, the same latents as UNETLoader (safetensors), swap and LoRA on their models."""
+    from safetensors.torch import load_file
+
+    from wan22_blockswap.gguf_reader import write_tiny_gguf
+
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    models = comfy / "models" / "diffusion_models"
+    write_tiny_gguf(str(models / PACK_GGUF), load_file(str(models / MODEL)))
+    info = _req(server["base"], "/object_info/WANModelLoader")["WANModelLoader"]["input"]["required"]
+    assert MODEL in info["safetensors_model"][0] and PACK_GGUF in info["gguf_model"][0]
+    swap_inputs = dict(_swap(5)[1], vram_budget="off")
+    tag = f"loaders{uuid.uuid4().hex[:6]}"
+    _run(server, _graph(f"{tag}_core", {"plain": [], "lora": [LORA_NODE]}))
+    _run(server, _graph(f"{tag}_st", {"plain": [], "swap3": [_swap(3)], "lora_swap": [LORA_NODE, _swap(5)]},
+                        loader=_pack_loader("WANModelLoader", "safetensors", MODEL)))
+    _run(server, _graph(f"{tag}_bs", {"plain": [], "lora": [LORA_NODE]},
+                        loader=_pack_loader("WAN22BlockSwapLoader", "safetensors", MODEL, **swap_inputs)))
+    plain, lora = _latent(server, f"{tag}_core_plain"), _latent(server, f"{tag}_core_lora")
+    for name in ("st_plain", "st_swap3", "bs_plain"):
+        assert torch.equal(_latent(server, f"{tag}_{name}"), plain), name
+    for name in ("st_lora_swap", "bs_lora"):
+        assert torch.equal(_latent(server, f"{tag}_{name}"), lora), name
+    _run(server, _graph(f"{tag}_gg", {"plain": [], "swap8": [_swap(8)], "lora": [LORA_NODE]},
+                        loader=_pack_loader("WANModelLoader", "gguf", PACK_GGUF)))
+    _run(server, _graph(f"{tag}_ggbs", {"plain": [], "lora": [LORA_NODE]},
+                        loader=_pack_loader("WAN22BlockSwapLoader", "gguf", PACK_GGUF, **swap_inputs)))
+    q8 = _latent(server, f"{tag}_gg_plain")
+    assert torch.isfinite(q8).all() and not torch.equal(q8, plain)  # quantized weights, close not equal
+    assert (q8 - plain).abs().max() < 0.05 * plain.abs().max()
+    assert torch.equal(_latent(server, f"{tag}_gg_swap8"), q8)
+    assert torch.equal(_latent(server, f"{tag}_ggbs_plain"), q8)
+    q8_lora = _latent(server, f"{tag}_gg_lora")
+    assert not torch.equal(q8_lora, q8) and torch.equal(_latent(server, f"{tag}_ggbs_lora"), q8_lora)
+
+
 def test_twenty_queued_runs_with_free_stay_flat(server):
     import psutil
 
