@@ -49,6 +49,22 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def host_arena(nbytes: int) -> torch.Tensor:
+    """An unpinned host buffer laid out as the engine's masters are: it starts on a page boundary and
+    spans whole pages, so it can be page-locked at its exact size without sharing a page with another
+    registration. A loader that reads a unit's weights into one arena (views at :func:`arena_offset`
+    steps) hands the engine a master it adopts in place, without a copy."""
+    rounded = (nbytes + PAGE - 1) // PAGE * PAGE
+    raw = torch.empty(rounded + PAGE, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % PAGE
+    return raw[start:start + rounded]  # the view keeps `raw`'s storage alive
+
+
+def arena_offset(nbytes: int) -> int:
+    """Bytes a tensor of ``nbytes`` takes in a master or arena (the engine's alignment)."""
+    return _align(nbytes)
+
+
 def check_streamable(param: torch.Tensor, unit_name: str) -> None:
     """Raise :class:`BlockSwapError` for a parameter the engine cannot pack and rebind: a wrapper
     tensor subclass (``__torch_dispatch__``, e.g. ComfyUI's QuantizedTensor for fp8_scaled files)
@@ -98,6 +114,7 @@ class _Unit:
         self.module = module
         self.entries: List[_Entry] = []
         self.nbytes = 0
+        self.arena: Optional[torch.Tensor] = None  # a loader's buffer to adopt as the master (see _collect)
         self.master: Optional[torch.Tensor] = None
         self.pinned = False
         self.host_views: List[torch.Tensor] = []
@@ -657,8 +674,35 @@ class BlockSwapEngine:
             raise BlockSwapError(
                 f"{u.name} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
                 "load the model fully onto one device before enabling block swap.")
+        u.arena = self._arena_of(entries) if entries else None
+        if u.arena is not None:  # adopt the loader's arena: the entries keep their places in it
+            lo = u.arena.data_ptr()
+            for e in entries:
+                e.offset = e.param.data_ptr() - lo
+            offset = max(e.offset + e.nbytes for e in entries)
         u.entries, u.nbytes = entries, offset
         u.slot_views = {}  # the layout may have changed: views of the old one are wrong
+
+    def _arena_of(self, entries: List[_Entry]) -> Optional[torch.Tensor]:
+        """The page-aligned host buffer holding all of a unit's parameters and nothing else (a
+        :func:`host_arena` a loader filled), as a uint8 view of whole pages; None otherwise."""
+        if self.offload_device.type != "cpu" or any(e.device.type != "cpu" for e in entries):
+            return None
+        storage = entries[0].param.untyped_storage()
+        if any(e.param.untyped_storage().data_ptr() != storage.data_ptr() or e.stride is None
+               or not e.param.is_contiguous() for e in entries):
+            return None
+        spans = sorted((e.param.data_ptr(), e.param.data_ptr() + e.nbytes) for e in entries)
+        lo, hi = spans[0][0], max(end for _, end in spans)
+        if lo % PAGE or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+            return None
+        if hi - lo > sum(_align(e.nbytes) for e in entries):  # not a tight arena: someone's bigger buffer
+            return None
+        rounded = (hi - lo + PAGE - 1) // PAGE * PAGE
+        start = lo - storage.data_ptr()
+        if start + rounded > storage.nbytes() or storage.nbytes() > rounded + PAGE:
+            return None  # past the end, or the storage holds more than this unit (it would stay alive)
+        return torch.empty(0, dtype=torch.uint8).set_(storage, start, (rounded,))
 
     @staticmethod
     def _unit_params(u: _Unit) -> List[torch.Tensor]:
@@ -689,6 +733,15 @@ class BlockSwapEngine:
                 "Swap fewer blocks, close other programs, or use a smaller (fp8/GGUF) model.")
 
     def _pack(self, u: _Unit) -> None:
+        if u.arena is not None:  # the loader already read the unit into a master-shaped buffer
+            if self._async:
+                self._pin(u.arena)
+            master, u.arena = u.arena[:u.nbytes], None
+            views = self._views(master, u)
+            for e, v in zip(u.entries, views):
+                e.param.data = v  # the same memory, now viewed through the master
+            u.master, u.host_views, u.pinned = master, views, master.data_ptr() in self._pinned_ptrs
+            return
         # Filled before it is attached to the unit: if a copy fails, the unit keeps its old
         # storage and nothing is restored from a half-filled buffer.
         master = self._host_buffer(u.nbytes)
@@ -717,10 +770,7 @@ class BlockSwapEngine:
         the heap and would); then it is registered at that exact size."""
         if not (self._async and self.offload_device.type == "cpu" and nbytes > 0):
             return torch.empty(nbytes, dtype=torch.uint8, device=self.offload_device)
-        rounded = (nbytes + PAGE - 1) // PAGE * PAGE
-        raw = torch.empty(rounded + PAGE, dtype=torch.uint8)
-        start = (-raw.data_ptr()) % PAGE
-        master = raw[start:start + rounded]  # the view keeps `raw`'s storage alive
+        master = host_arena(nbytes)
         self._pin(master)
         return master[:nbytes]
 

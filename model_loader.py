@@ -67,26 +67,46 @@ def fp8_quantize(w: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor,
     return q, scale
 
 
+def _decide(key: str, dtype: Optional[torch.dtype], ndim: int, target: Dict[str, torch.dtype],
+            fp8_dtype: Optional[torch.dtype], scaled: set):
+    """What loading does with one file tensor: ("keep", None), ("cast", dtype) or ("fp8", fp8 dtype).
+    Each tensor gets the dtype ComfyUI gave the parameter it is assigned to (what a copying
+    ``load_state_dict`` would produce), except quantized bytes, fp8 weights with their own scale,
+    and the block matrices the fp8 option quantizes."""
+    if dtype is None or not dtype.is_floating_point or key in scaled:
+        return "keep", None  # GGUF-quantized bytes, integer tensors, fp8 weights with their scale
+    if key.endswith(".scale_weight"):
+        return "cast", torch.float32
+    if fp8_dtype is not None and ndim == 2 and _BLOCK_MATRIX.match(key):
+        return "fp8", fp8_dtype
+    return "cast", target.get(key, dtype)
+
+
 def _transform(target: Dict[str, torch.dtype], fp8_dtype: Optional[torch.dtype], scaled: set):
-    """Per-tensor conversion applied while reading (one tensor at a time, so the peak stays low):
-    each tensor gets the dtype ComfyUI gave the parameter it is assigned to (what a copying
-    ``load_state_dict`` would produce), except quantized bytes, fp8 weights with their own scale, and
-    the block matrices the fp8 option quantizes."""
+    """Per-tensor conversion applied while reading (one tensor at a time, so the peak stays low)."""
 
     def apply(key: str, t: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if not t.is_floating_point() or type(t) is not torch.Tensor:
-            return {key: t}  # GGUF-quantized bytes (a GGUFTensor) stay as stored
-        if key.endswith(".scale_weight"):
-            return {key: t.float()}
-        if key in scaled:
-            return {key: t}  # an fp8 weight that comes with its own scale
-        if fp8_dtype is not None and t.ndim == 2 and _BLOCK_MATRIX.match(key):
-            q, scale = fp8_quantize(t, fp8_dtype)
+        kind, dtype = _decide(key, None if type(t) is not torch.Tensor else t.dtype, t.ndim, target,
+                              fp8_dtype, scaled)
+        if kind == "fp8":
+            q, scale = fp8_quantize(t, dtype)
             return {key: q, key[:-len("weight")] + "scale_weight": scale}
-        dtype = target.get(key, t.dtype)
-        return {key: t if t.dtype == dtype else t.to(dtype)}
+        if kind == "cast" and t.dtype != dtype:
+            return {key: t.to(dtype)}
+        return {key: t}
 
     return apply
+
+
+def _loaded_bytes(e: TensorEntry, target, fp8_dtype, scaled) -> List[int]:
+    """The bytes of the tensor(s) ``_transform`` makes from ``e`` (group buffers are sized by it)."""
+    kind, dtype = _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype, scaled)
+    n = math.prod(e.shape)
+    if kind == "keep":
+        return [e.nbytes]
+    if kind == "fp8":
+        return [n * dtype.itemsize, 4]
+    return [n * dtype.itemsize]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,13 +186,15 @@ def _check_keys(path: str, expected: set, found: set) -> None:
 
 def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str = "auto",
                    model_variant: str = "auto", fp8_optimization: str = "disabled",
-                   weight_dtype: str = "auto", for_swap: bool = False):
+                   weight_dtype: str = "auto", for_swap: bool = False, host_groups=None):
     """Load a WAN diffusion model file. Returns ``(patcher, info, text)``: a ComfyUI ModelPatcher,
     the :class:`config.WanInfo` and a one-line report (also logged).
 
     ``model_type`` ("safetensors" / "gguf"), when given, must match the file's content.
     ``for_swap``: keep every weight in host RAM even where ComfyUI keeps models on the GPU
     (``--highvram``), because the caller streams some blocks from there.
+    ``host_groups(diffusion_model) -> unit names`` (optional): modules whose weights are read into one
+    page-aligned buffer each, which the block-swap engine then adopts as their host masters in place.
     Raises :class:`config.BlockSwapError` (a ValueError) naming the file for every bad input; nothing
     is registered with ComfyUI before the model is complete.
     """
@@ -235,8 +257,25 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
     _check_keys(path, set(target), {e.key for e in entries})
 
     # 4. read, convert, assign
+    group_of, group_bytes = None, None
+    if host_groups is not None:
+        units = tuple(host_groups(model.diffusion_model))
+
+        def group_of(key: str) -> Optional[str]:
+            return next((u for u in units if key.startswith(u + ".")), None)
+
+        from .block_manager import arena_offset
+
+        group_bytes = {}
+        for e in entries:
+            unit = group_of(e.key)
+            if unit is not None:
+                group_bytes[unit] = group_bytes.get(unit, 0) + sum(
+                    arena_offset(n) for n in _loaded_bytes(e, target, fp8_dtype, scaled))
     try:
-        sd = read_weights(path, entries, _transform(target, fp8_dtype, scaled))
+        sd = read_weights(path, entries, _transform(target, fp8_dtype, scaled), group_of=group_of,
+                          group_bytes=group_bytes, unchanged=lambda e: _decide(
+                              e.key, e.dtype, len(e.shape), target, fp8_dtype, scaled) in (("keep", None), ("cast", e.dtype)))
     except WeightFileError as e:
         raise BlockSwapError(str(e)) from e
     sd = model.model_config.process_unet_state_dict(sd)

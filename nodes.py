@@ -316,10 +316,20 @@ class WAN22BlockSwapLoader:
              fp8_optimization, weight_dtype, unique_id=None, vram_budget="off", **swap):
         from .callbacks import apply_block_swap, send_node_text
 
+        from .callbacks import clamp_settings
+        from .config import detect_layout, plan_swap
+
         settings, debug, node_id = parse_swap(swap, unique_id)
+
+        def streamed_units(diffusion_model):  # known before reading: their weights go straight to masters
+            layout = detect_layout(diffusion_model)
+            return plan_swap(layout, clamp_settings(settings, layout)).units
+
+        # With vram_budget the count depends on the loaded sizes: those blocks are repacked once.
         patcher, _info, text = _load(model_type, safetensors_model, gguf_model, for_swap=True,
                                      wan_version=wan_version, model_variant=model_variant,
-                                     fp8_optimization=fp8_optimization, weight_dtype=weight_dtype)
+                                     fp8_optimization=fp8_optimization, weight_dtype=weight_dtype,
+                                     host_groups=streamed_units if vram_budget in (None, "off") else None)
         settings, why = apply_budget(patcher, settings, vram_budget)
         out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True)
         send_node_text(node_id, "\n".join(t for t in (text, why, swap_text) if t))

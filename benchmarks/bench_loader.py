@@ -1,5 +1,5 @@
 """Loader benchmark: peak host RSS and load time of the pack's WAN Model Loader against ComfyUI's own
-loaders, on a synthetic WAN-shaped file (14B block dimensions; ~2 GB in bf16 with the defaults).
+loaders, on a synthetic WAN-shaped file (by default WAN 2.1 1.3B's dimensions and 30 blocks: ~2.6 GiB in bf16).
 
 Needs a real ComfyUI (COMFYUI_PATH; run with that ComfyUI's Python). Each load runs in a fresh
 subprocess, so every figure is that process' own: peak RSS is ``ru_maxrss`` after the load minus the
@@ -8,7 +8,7 @@ loaders are compared on the same footing and the disk is out of the picture. Bas
 UNETLoader's path (``comfy.sd.load_diffusion_model``) for safetensors, and ComfyUI-GGUF's
 ``UnetLoaderGGUF`` for GGUF when ComfyUI-GGUF is installed in ``custom_nodes``.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_loader.py [--layers 3] [--dir /tmp/wanbench] [--runs 3]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/bench_loader.py [--size 1.3b|14b] [--layers N] [--dir /tmp/wanbench] [--runs 3]
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _peak() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def make_files(directory: Path, layers: int) -> dict:
+def make_files(directory: Path, size: str, layers: int) -> dict:
     _setup_comfy()
     import torch
     from safetensors.torch import save_file
@@ -69,9 +69,14 @@ def make_files(directory: Path, layers: int) -> dict:
     from wan22_blockswap.gguf_reader import write_tiny_gguf
 
     directory.mkdir(parents=True, exist_ok=True)
-    st, gg = directory / f"wan14b_{layers}blocks_bf16.safetensors", directory / f"wan14b_{layers}blocks_q8_0.gguf"
+    stem = f"wan{size}_{layers}blocks"
+    st, gg = directory / f"{stem}_bf16.safetensors", directory / f"{stem}_q8_0.gguf"
     if not (st.exists() and gg.exists()):
-        cfg = tiny_wan.wan14b_config(num_layers=layers)
+        if size == "14b":
+            cfg = tiny_wan.wan14b_config(num_layers=layers)
+        else:  # WAN 2.1 1.3B dimensions
+            cfg = tiny_wan.WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=layers, in_dim=16,
+                                     out_dim=16, text_dim=4096, model_type="t2v")
         with torch.device("meta"):
             model = tiny_wan.WanModel(cfg)
         model = model.to_empty(device="cpu")
@@ -101,6 +106,20 @@ def one_load(loader: str, path: str) -> dict:
         from wan22_blockswap.model_loader import load_wan_model
 
         load = lambda: load_wan_model(path)[0]  # noqa: E731
+    elif loader == "ours-swap":  # WAN BlockSwap Model Loader: all but the first block packed into host masters
+        from wan22_blockswap.callbacks import apply_block_swap
+        from wan22_blockswap.config import SwapSettings
+        from wan22_blockswap.model_loader import load_wan_model
+
+        from wan22_blockswap.config import detect_layout, plan_swap
+
+        def load():  # what the node does with vram_budget off: streamed blocks read into their masters
+            def units(dm):
+                return plan_swap(detect_layout(dm), SwapSettings(blocks_to_swap=len(dm.blocks) - 1)).units
+
+            patcher = load_wan_model(path, for_swap=True, host_groups=units)[0]
+            blocks = len(patcher.model.diffusion_model.blocks) - 1
+            return apply_block_swap(patcher, SwapSettings(blocks_to_swap=blocks), pack_masters=True)[0]
     elif loader == "unetloader":
         import comfy.sd
 
@@ -139,7 +158,9 @@ def one_load(loader: str, path: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--size", choices=("1.3b", "14b"), default="1.3b",
+                    help="block dimensions: WAN 2.1 1.3B (default, 30 blocks = the real model, ~2.6 GiB bf16) or 14B")
+    ap.add_argument("--layers", type=int, default=None, help="blocks (default: 30 for 1.3b, 3 for 14b)")
     ap.add_argument("--dir", default="/tmp/wanbench")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--one", nargs=2, metavar=("LOADER", "PATH"), help=argparse.SUPPRESS)
@@ -149,9 +170,11 @@ def main() -> None:
         return
     if not os.environ.get("COMFYUI_PATH"):
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout and run with its Python")
-    files = make_files(Path(a.dir), a.layers)
+    layers = a.layers or (30 if a.size == "1.3b" else 3)
+    files = make_files(Path(a.dir), a.size, layers)
     has_gguf = (Path(os.environ["COMFYUI_PATH"]) / "custom_nodes" / "ComfyUI-GGUF" / "loader.py").exists()
-    pairs = [("safetensors", "ours"), ("safetensors", "unetloader"), ("gguf", "ours")]
+    pairs = [("safetensors", "ours"), ("safetensors", "ours-swap"), ("safetensors", "unetloader"),
+             ("gguf", "ours"), ("gguf", "ours-swap")]
     if has_gguf:
         pairs.append(("gguf", "comfyui-gguf"))
     results = {p: [] for p in pairs}
@@ -161,7 +184,7 @@ def main() -> None:
                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[(fmt, loader)].append(json.loads(out))
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, "
-          f"{a.layers} blocks of WAN 14B dims, {a.runs} runs each (median), page cache warm")
+          f"{layers} blocks of WAN {a.size} dims, {a.runs} runs each (median), page cache warm")
     print("| file | loader | file size | load time s | peak RSS / file size | RSS held after / file size |")
     print("|---|---|---|---|---|---|")
     for (fmt, loader), runs in results.items():

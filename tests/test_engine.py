@@ -421,3 +421,51 @@ def test_ring_release_requested_inside_a_forward_waits_for_its_end():
     assert all(torch.equal(a, b) for a, b in zip(reference, outs))
     assert engine.device_bytes == 0  # released once the last forward ended
     engine.teardown()
+
+
+def _into_arena(module):
+    """What a loader does with host_arena: every parameter of ``module`` read into one buffer."""
+    from wan22_blockswap.block_manager import arena_offset, host_arena
+
+    params = list(module.parameters())
+    arena = host_arena(sum(arena_offset(p.numel() * p.element_size()) for p in params))
+    off = 0
+    for p in params:
+        n = p.numel() * p.element_size()
+        view = arena[off:off + n].view(p.dtype).view(p.shape)
+        view.copy_(p.data)
+        p.data = view
+        off += arena_offset(n)
+    return arena
+
+
+def test_a_loader_arena_is_adopted_as_the_master_without_a_copy():
+    model, inputs = comfy_layout_model()
+    reference = denoise(model, inputs)
+    arenas = {i: _into_arena(model.blocks[i]) for i in (5, 6, 7)}
+    ptrs = {i: [p.data_ptr() for p in model.blocks[i].parameters()] for i in arenas}
+    model.blocks[4].norm3.weight.data = model.blocks[4].norm3.weight.data.clone()  # block 4: ordinary tensors
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=4), "cpu")
+    engine.pack_masters()
+    for u in engine._units:
+        i = int(u.name.split(".")[1])
+        if i in arenas:  # adopted: the master is the arena, the weights did not move
+            assert u.master.data_ptr() == arenas[i].data_ptr()
+            assert [p.data_ptr() for p in model.blocks[i].parameters()] == ptrs[i]
+        else:  # packed by copy, as before
+            assert u.master.data_ptr() not in {a.data_ptr() for a in arenas.values()}
+    engine.setup()
+    outs = denoise(model, inputs)
+    engine.teardown()
+    assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+    assert not any(p.data_ptr() in ptrs[7] for p in model.blocks[7].parameters())  # restored: own storage again
+
+
+def test_a_buffer_shared_with_other_modules_is_not_adopted():
+    model, _ = comfy_layout_model()
+    blocks = nn.ModuleList([model.blocks[6], model.blocks[7]])
+    arena = _into_arena(blocks)  # two units in one buffer: neither unit owns it
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=2), "cpu")
+    engine.pack_masters()
+    assert all(u.master.data_ptr() != arena.data_ptr() for u in engine._units)
+    engine.teardown()

@@ -303,6 +303,8 @@ def test_blockswap_loader_packs_masters_at_load(model_dir, fmt):
     dm = swapped.model.diffusion_model
     engine = _ENGINES[dm]
     raw = sum(torch.Tensor.numel(p) * p.element_size() for u in engine._units for p in u.module.parameters())
+    # read straight into page-aligned buffers the engine adopted as masters (no second copy)
+    assert all(u.master.data_ptr() % 4096 == 0 and u.nbytes <= u.master.numel() + 4096 for u in engine._units)
     # the streamed blocks already sit in their host masters, in their stored form (GGUF: quantized)
     assert engine.plan.block_indices == (3, 4, 5, 6, 7) and engine.tracker.host_bytes >= raw > 0
     for u in engine._units:
@@ -334,3 +336,20 @@ def test_older_fp8_scaled_files_load_and_stream(tmp_path):
                for k, v in scaled.items() if not k.endswith("scale_weight") and k != "scaled_fp8"}
     assert torch.allclose(forward(model), forward(reference(dequant)), rtol=1e-4, atol=1e-5)
     assert sample(swap(model, 5)).equal(sample(model))
+
+
+def test_blockswap_loader_fp8_reads_into_adopted_masters(model_dir):
+    from wan22_blockswap.nodes import WAN22BlockSwapLoader, WANModelLoader
+
+    write_st(model_dir, tiny_sd(), "a.safetensors")
+    args = dict(LOADER_ARGS, fp8_optimization="e4m3fn")
+    (plain,) = WANModelLoader().load("safetensors", "a.safetensors", "none", **args)
+    (swapped,) = WAN22BlockSwapLoader().load("safetensors", "a.safetensors", "none", **args, blocks_to_swap=4,
+                                             **dict(SWAP_ARGS, offload_txt_emb=True), unique_id="3")
+    engine = _ENGINES[swapped.model.diffusion_model]
+    assert "text_embedding" in engine.plan.units
+    for u in engine._units:  # fp8 matrices and their scales sit in the buffer they were read into
+        assert u.master.data_ptr() % 4096 == 0
+        assert all(u.master.data_ptr() <= p.data_ptr() < u.master.data_ptr() + u.master.numel()
+                   for p in u.module.parameters())
+    assert sample(swapped).equal(sample(plain))
