@@ -83,6 +83,23 @@ def apply_budget(patcher, settings, choice: str):
     return replace(settings, blocks_to_swap=result.blocks_to_swap), text
 
 
+def budget_for_first_model(items, settings, choice: str):
+    """Sequences: one plan for all their models (a pipeline's segments use the same architecture),
+    made for the first model found."""
+    if choice in (None, "off"):
+        return settings
+    from .looper_helpers import is_model
+
+    stack = [items]
+    while stack:
+        item = stack.pop(0)
+        if is_model(item):
+            return apply_budget(item, settings, choice)[0]
+        if isinstance(item, (list, tuple)):
+            stack[:0] = list(item)
+    return settings
+
+
 def parse_swap(swap: dict, unique_id=None):
     """The swap widgets' values -> (SwapSettings, debug flag, node id for the readout)."""
     settings = SwapSettings(blocks_to_swap=int(swap["blocks_to_swap"]),
@@ -177,12 +194,13 @@ class WAN22BlockSwapSequencer:
         return {"required": {"model_clip_sequence": ("ANY", {"tooltip":
                     "WanVideoLoraSequencer's output: a list of (model_high, model_low, clip) per segment."}),
                              **swap_inputs()},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
+                "optional": budget_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, model_clip_sequence, unique_id=None, **swap):
+    def apply(self, model_clip_sequence, unique_id=None, vram_budget="off", **swap):
         from .looper_helpers import prepare_sequence
 
         settings, debug, node_id = parse_swap(swap, unique_id)
+        settings = budget_for_first_model(model_clip_sequence, settings, vram_budget)
         return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id),)
 
 
@@ -203,12 +221,13 @@ class WAN22BlockSwapLooper:
         return {"required": {"models_list": ("ANY", {"tooltip":
                     "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."}),
                              **swap_inputs()},
-                "hidden": {"unique_id": "UNIQUE_ID"}}
+                "optional": budget_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def apply(self, models_list, unique_id=None, **swap):
+    def apply(self, models_list, unique_id=None, vram_budget="off", **swap):
         from .looper_helpers import is_model, prepare_sequence
 
         settings, debug, node_id = parse_swap(swap, unique_id)
+        settings = budget_for_first_model(models_list, settings, vram_budget)
         if isinstance(models_list, (list, tuple)) and models_list and all(
                 e is None or is_model(e) for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap

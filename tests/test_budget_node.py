@@ -22,7 +22,8 @@ def _unload_between_tests():
 
 
 def test_budget_input_is_optional_on_every_swap_node():
-    for node_id in ("wan22BlockSwap", "wan22BlockSwapLooperModels", "WAN22BlockSwapLoader"):
+    for node_id in ("wan22BlockSwap", "wan22BlockSwapLooperModels", "wan22BlockSwapSequencer",
+                    "WAN22BlockSwapLooper", "wan22BlockSwapLooper", "WAN22BlockSwapLoader"):
         types = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
         assert "vram_budget" not in types["required"]  # saved graphs without it still validate
         choices, opts = types["optional"]["vram_budget"]
@@ -46,3 +47,16 @@ def test_auto_without_a_gpu_is_a_clear_error():
         pytest.skip("a GPU is present: auto has free memory to plan with")
     with pytest.raises(ValueError, match="vram_budget 'auto .*preset|blocks_to_swap"):
         WAN22BlockSwap().apply(model, blocks_to_swap=8, **SWAP_ARGS, vram_budget="auto (free VRAM, 480p)")
+
+
+def test_sequencer_plans_with_the_first_model():
+    from wan22_blockswap.nodes import WAN22BlockSwapSequencer
+
+    model = load()
+    seq = [(None, None, None), (model, model, None)]
+    out = WAN22BlockSwapSequencer().apply(seq, blocks_to_swap=8, **SWAP_ARGS, vram_budget="24 GB / 480p")[0]
+    prepared = out[1][0]
+    assert not any(name.startswith("diffusion_model.blocks.") for name in prepared.object_patches)  # fits: 0
+    if model.load_device.type != "cuda":  # auto plans from free GPU memory: none on a CPU
+        with pytest.raises(ValueError, match="vram_budget"):
+            WAN22BlockSwapSequencer().apply(seq, blocks_to_swap=8, **SWAP_ARGS, vram_budget="auto (free VRAM, 720p)")
