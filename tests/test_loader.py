@@ -353,3 +353,32 @@ def test_blockswap_loader_fp8_reads_into_adopted_masters(model_dir):
         assert all(u.master.data_ptr() <= p.data_ptr() < u.master.data_ptr() + u.master.numel()
                    for p in u.module.parameters())
     assert sample(swapped).equal(sample(plain))
+
+
+def test_unsupported_gguf_type_lists_the_supported_ones(tmp_path):
+    import numpy as np
+
+    from wan22_blockswap.gguf_dequant import SUPPORTED
+
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "iq.gguf"
+    w = gguf.GGUFWriter(str(path), "wan")
+    qtype = gguf.GGMLQuantizationType.IQ4_NL
+    per_block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    w.add_tensor("blocks.0.ffn.0.weight", np.zeros((2, 64 // per_block * nbytes), dtype=np.uint8), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(BlockSwapError) as e:
+        load_wan_model(str(path))
+    assert "iq.gguf" in str(e.value) and "IQ4_NL" in str(e.value)
+    assert "supported types: " + ", ".join(SUPPORTED) in str(e.value)
+
+
+def test_a_dtype_the_device_cannot_run_is_a_clear_error():
+    from wan22_blockswap.model_loader import _probe_dtype
+
+    _probe_dtype(torch.device("cpu"), torch.float8_e4m3fn, torch.float32)  # CPUs can cast fp8
+    with pytest.raises(BlockSwapError, match="cpu cannot run torch.float4_e2m1fn_x2 weights .*choose another"):
+        _probe_dtype(torch.device("cpu"), torch.float4_e2m1fn_x2, torch.float32)  # no CPU kernels
