@@ -35,13 +35,14 @@ def is_model(x) -> bool:
 
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
                            prepared: Optional[Dict[int, Tuple[Any, Any, str]]] = None, debug: bool = False,
-                           node_id: Optional[str] = None):
+                           node_id: Optional[str] = None, note: str = ""):
     """A block-swap clone of ``model`` for reuse in every loop (``None`` stays ``None``).
 
     ``prepared`` maps ``id(model)`` to ``(model, clone, text)``: a model that appears in several
     segments is prepared once and every segment gets the same clone; the host RAM check counts the
     models in it together (none of them has run yet); the node shows the texts of all of them.
-    ``ring`` shares device slots with the other models of the pipeline.
+    ``ring`` shares device slots with the other models of the pipeline. ``note`` (e.g. the
+    vram_budget explanation) heads the node's text.
     """
     if model is None:
         return None
@@ -56,12 +57,13 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
     clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others)
     if debug:
         log.info("looper: %s", text)
+    head = [note] if note else []
     if prepared is None:
-        send_node_text(node_id, text)
+        send_node_text(node_id, "\n".join(head + [text]))
         return clone
     prepared[id(model)] = (model, clone, text)  # keeps `model` alive so its id cannot be reused
     # One node shows one text: every model prepared so far, identical descriptions once.
-    send_node_text(node_id, "\n".join(dict.fromkeys(entry[2] for entry in prepared.values())))
+    send_node_text(node_id, "\n".join(head + list(dict.fromkeys(entry[2] for entry in prepared.values()))))
     return clone
 
 
@@ -157,7 +159,7 @@ def validate_tensor_consistency(reference, candidate, what: str = "value",
 
 
 def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
-                     node_id: Optional[str] = None) -> List:
+                     node_id: Optional[str] = None, note: str = "") -> List:
     """WanVideoLoraSequencer's ``model_clip_sequence`` with every model prepared: same length, each
     entry ``(model_high | None, model_low | None, clip | None)`` (``None`` entries kept), clips passed
     through, each distinct model prepared once, all sharing one device ring."""
@@ -181,7 +183,9 @@ def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
             out.append(None)
             continue
         high, low, clip = entry
-        out.append((prepare_model_for_loop(high, settings, ring=ring, prepared=prepared, debug=debug, node_id=node_id),
-                    prepare_model_for_loop(low, settings, ring=ring, prepared=prepared, debug=debug, node_id=node_id),
+        out.append((prepare_model_for_loop(high, settings, ring=ring, prepared=prepared, debug=debug, node_id=node_id,
+                                           note=note),
+                    prepare_model_for_loop(low, settings, ring=ring, prepared=prepared, debug=debug, node_id=node_id,
+                                           note=note),
                     clip))
     return out

@@ -46,6 +46,7 @@ DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 NO_FILE = "none"  # first entry of each file list, so an unused list always validates
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK_MATRIX = re.compile(r"^(vace_)?blocks\.\d+\..+\.weight$")
 # Keys of ComfyUI's older fp8_scaled files that carry no weights of their own
 _IGNORED = re.compile(r"(^scaled_fp8$)|(\.scale_input$)")
@@ -60,6 +61,8 @@ def fp8_quantize(w: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor,
     two chosen so the largest magnitude fits (see the module docstring)."""
     wf = w.float()
     amax = float(wf.abs().max()) if wf.numel() else 0.0
+    if not math.isfinite(amax):
+        raise ValueError("the tensor holds inf or NaN values")
     fmax = torch.finfo(fp8_dtype).max
     exp = math.ceil(math.log2(amax / fmax)) if amax > 0 else 0
     scale = torch.tensor(2.0 ** exp, dtype=torch.float32)
@@ -73,8 +76,8 @@ def _decide(key: str, dtype: Optional[torch.dtype], ndim: int, target: Dict[str,
     Each tensor gets the dtype ComfyUI gave the parameter it is assigned to (what a copying
     ``load_state_dict`` would produce), except quantized bytes, fp8 weights with their own scale,
     and the block matrices the fp8 option quantizes."""
-    if dtype is None or not dtype.is_floating_point or key in scaled:
-        return "keep", None  # GGUF-quantized bytes, integer tensors, fp8 weights with their scale
+    if dtype is None or not dtype.is_floating_point or key in scaled or dtype in _FP8_DTYPES:
+        return "keep", None  # GGUF-quantized bytes, integer tensors, weights that already are fp8
     if key.endswith(".scale_weight"):
         return "cast", torch.float32
     if fp8_dtype is not None and ndim == 2 and _BLOCK_MATRIX.match(key):
@@ -89,7 +92,11 @@ def _transform(target: Dict[str, torch.dtype], fp8_dtype: Optional[torch.dtype],
         kind, dtype = _decide(key, None if type(t) is not torch.Tensor else t.dtype, t.ndim, target,
                               fp8_dtype, scaled)
         if kind == "fp8":
-            q, scale = fp8_quantize(t, dtype)
+            try:
+                q, scale = fp8_quantize(t, dtype)
+            except ValueError as e:
+                raise BlockSwapError(f"fp8_optimization cannot quantize {key}: {e}; the file is damaged, "
+                                     "or load it with fp8_optimization disabled") from e
             return {key: q, key[:-len("weight")] + "scale_weight": scale}
         if kind == "cast" and t.dtype != dtype:
             return {key: t.to(dtype)}
@@ -223,7 +230,11 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
 
     # 2. ComfyUI's detection on storage-less stand-ins
     meta = {e.key: e.meta() for e in entries if not e.key.endswith(".scale_weight")}
-    model_config = comfy.model_detection.model_config_from_unet(meta, "")
+    try:
+        model_config = comfy.model_detection.model_config_from_unet(meta, "")
+    except (KeyError, IndexError, AttributeError, TypeError) as e:  # a WAN-like file missing a key detection reads
+        raise BlockSwapError(f"{path}: ComfyUI's model detection failed ({type(e).__name__}: {e}); the file "
+                             "is incomplete or not a WAN diffusion model") from e
     image_model = getattr(model_config, "unet_config", {}).get("image_model") if model_config else None
     if image_model != "wan2.1":  # ComfyUI's family name for every WAN 2.1 / 2.2 transformer
         what = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
@@ -291,6 +302,10 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
 
     # 5. the patcher
     patcher = patcher_class()(model, load_device=load_device, offload_device=offload_device)
+    # How ComfyUI rebuilds a model it must deep-copy (multi-GPU, training), as UNETLoader sets it
+    patcher.cached_patcher_init = (_reload, (path, dict(model_type=model_type, wan_version=wan_version,
+                                                        model_variant=model_variant, fp8_optimization=fp8_optimization,
+                                                        weight_dtype=weight_dtype)))
     if not for_swap and offload_device.type != "cpu":
         model.to(offload_device)  # what ComfyUI's own loader does under --highvram / --gpu-only
     stored = Counter(e.stored for e in entries)
@@ -300,6 +315,12 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
             + (f", computed in {_dtype_name(manual_cast)}" if manual_cast else ""))
     log.info("WAN loader: %s", text)
     return patcher, info, text
+
+
+def _reload(path, options: dict, disable_dynamic: bool = False):
+    """``cached_patcher_init`` target: the same file with the same choices (the pack's patchers are
+    never dynamic, so ``disable_dynamic`` changes nothing)."""
+    return load_wan_model(path, **options)[0]
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -9,6 +9,10 @@ from typing import Optional
 
 from .config import SwapSettings
 
+from .utils import get_logger
+
+log = get_logger("nodes")
+
 CATEGORY = "WAN22 BlockSwap"
 
 
@@ -61,7 +65,9 @@ def free_device_bytes(patcher) -> Optional[int]:
         return None
     import comfy.model_management as mm
 
-    reclaimable = sum(lm.model_loaded_memory() for lm in mm.current_loaded_models if lm.device == dev)
+    # entries whose patcher is gone ("dead": ComfyUI's own free_memory skips them too)
+    reclaimable = sum(lm.model_loaded_memory() for lm in mm.current_loaded_models
+                      if lm.device == dev and lm.model is not None and not lm.is_dead())
     return max(0, int(mm.get_free_memory(dev)) + int(reclaimable) - int(mm.extra_reserved_memory()))
 
 
@@ -79,25 +85,28 @@ def apply_budget(patcher, settings, choice: str):
                                  free_device_bytes(patcher), prefetch_blocks=settings.prefetch_blocks)
     except ValueError as e:  # auto without a GPU
         raise ValueError(f"vram_budget {choice!r}: {e}") from e
-    text = result.explanation if result.fits else "WARNING: " + result.explanation
+    text = result.explanation
+    if not result.fits:
+        text = "WARNING: " + text
+        log.warning("block swap: %s", result.explanation)
     return replace(settings, blocks_to_swap=result.blocks_to_swap), text
 
 
 def budget_for_first_model(items, settings, choice: str):
     """Sequences: one plan for all their models (a pipeline's segments use the same architecture),
-    made for the first model found."""
+    made for the first model found. Returns ``(settings, explanation)``."""
     if choice in (None, "off"):
-        return settings
+        return settings, ""
     from .looper_helpers import is_model
 
     stack = [items]
     while stack:
         item = stack.pop(0)
         if is_model(item):
-            return apply_budget(item, settings, choice)[0]
+            return apply_budget(item, settings, choice)
         if isinstance(item, (list, tuple)):
             stack[:0] = list(item)
-    return settings
+    return settings, ""
 
 
 def parse_swap(swap: dict, unique_id=None):
@@ -170,8 +179,8 @@ class WAN22BlockSwapLooperModels:
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         # the experts have the same architecture and take turns on the GPU: one plan serves both
-        settings, _why = apply_budget(model_high, settings, vram_budget)
-        kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id)
+        settings, why = apply_budget(model_high, settings, vram_budget)
+        kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id, note=why)
         return (prepare_model_for_loop(model_high, settings, **kw),
                 prepare_model_for_loop(model_low, settings, **kw))
 
@@ -200,8 +209,8 @@ class WAN22BlockSwapSequencer:
         from .looper_helpers import prepare_sequence
 
         settings, debug, node_id = parse_swap(swap, unique_id)
-        settings = budget_for_first_model(model_clip_sequence, settings, vram_budget)
-        return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id),)
+        settings, why = budget_for_first_model(model_clip_sequence, settings, vram_budget)
+        return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id, note=why),)
 
 
 class WAN22BlockSwapLooper:
@@ -227,13 +236,14 @@ class WAN22BlockSwapLooper:
         from .looper_helpers import is_model, prepare_sequence
 
         settings, debug, node_id = parse_swap(swap, unique_id)
-        settings = budget_for_first_model(models_list, settings, vram_budget)
+        settings, why = budget_for_first_model(models_list, settings, vram_budget)
         if isinstance(models_list, (list, tuple)) and models_list and all(
                 e is None or is_model(e) for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap
-            seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id)
+            seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id,
+                                   note=why)
             return ([e[0] for e in seq],)
-        return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id),)
+        return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id, note=why),)
 
 
 class WAN22BlockSwapLooperLegacy(WAN22BlockSwapLooper):

@@ -30,11 +30,7 @@ from torch import nn
 
 from .gguf_reader import GGUFTensor
 
-__all__ = ["make_ops", "patcher_class", "is_quantized_weight"]
-
-
-def is_quantized_weight(w) -> bool:
-    return isinstance(w, GGUFTensor)
+__all__ = ["make_ops", "patcher_class"]
 
 
 class _QuantLinear:
@@ -93,7 +89,12 @@ class _QuantLinear:
 
         comfy.ops.run_every_op()  # ComfyUI's per-op interrupt check, as its own layers do
         weight = self.dequantized_weight(input.dtype, input.device)
+        attached = isinstance(self.weight, GGUFTensor) and bool(self.weight.patches)
         for fn in self.weight_function:
+            # ComfyUI's partially_unload adds a LowVramPatch for a key whose LoRA the patcher had
+            # attached (it finds no backup to restore): applying both would add the LoRA twice.
+            if attached and getattr(fn, "is_lowvram_patch", False):
+                continue
             weight = fn(weight)
         bias = self.bias
         if bias is not None:
@@ -126,8 +127,9 @@ class _QuantLinear:
 
     def _refuse_gguf(self) -> None:
         if isinstance(self.weight, GGUFTensor):
-            raise TypeError("GGUF weights take LoRA patches through the pack's model patcher, not by "
-                            "rewriting their bytes; load this model with the pack's WAN Model Loader")
+            raise TypeError("GGUF weights cannot be rewritten in place: LoRA on them is applied when they "
+                            "are dequantized (LoraLoaderModelOnly works); hook-based LoRA on GGUF weights "
+                            "is not supported")
 
 
 def make_ops(base):
@@ -145,6 +147,7 @@ def patcher_class():
     if _PATCHER is not None:
         return _PATCHER
     import comfy.utils
+    from comfy.lora import calculate_weight
     from comfy.model_patcher import ModelPatcher
 
     class WanModelPatcher(ModelPatcher):
@@ -157,9 +160,10 @@ def patcher_class():
                 return super().patch_weight_to_device(key, device_to=device_to, inplace_update=inplace_update,
                                                       return_weight=return_weight, force_cast=force_cast)
             patches = [(self.patches[key], key)] if self.patches.get(key) else []
-            if return_weight:
-                out = weight.to(device_to) if device_to is not None else weight.detach()
-                out.patches = patches
+            if return_weight:  # callers (saving, LoRA extraction) want the patched weight's values
+                out = weight.dequantize(torch.float32, device_to if device_to is not None else weight.device)
+                for patch_list, patch_key in patches:
+                    out = calculate_weight(patch_list, out, patch_key)
                 return out
             # The module is moved by ModelPatcher.load itself; here only the patches change.
             weight.patches = patches

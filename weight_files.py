@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .gguf_dequant import GGUFFormatError
-from .gguf_reader import GGUFTensor, KEY_PREFIXES
+from .gguf_reader import GGUFTensor, _strip_prefix
 from .utils import get_logger
 
 log = get_logger("weights")
@@ -89,13 +89,6 @@ def file_format(path) -> str:
     raise WeightFileError(f"{path}: {len(head)} bytes long: not a model file (empty or truncated)")
 
 
-def _strip(key: str) -> str:
-    for prefix in KEY_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
 def _scan_safetensors(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -114,6 +107,9 @@ def _scan_safetensors(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
     entries: List[TensorEntry] = []
     seen = set()
     for name, spec in header.items():
+        if isinstance(spec, dict) and spec.get("dtype") not in _ST_DTYPES and "dtype" in spec:
+            raise WeightFileError(f"{path}: tensor {name!r} has dtype {spec['dtype']}, which a diffusion "
+                                  f"model loader does not read (readable: {', '.join(_ST_DTYPES)})")
         try:
             dtype = _ST_DTYPES[spec["dtype"]]
             shape = tuple(int(d) for d in spec["shape"])
@@ -127,7 +123,7 @@ def _scan_safetensors(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
         if base + end > size:
             raise WeightFileError(f"{path}: truncated file: tensor {name!r} needs bytes up to {base + end}, "
                                   f"the file has {size}. Download it again.")
-        key = _strip(name)
+        key = _strip_prefix(name)
         if key in seen:
             raise WeightFileError(f"{path}: two tensors map to the key {key!r}")
         seen.add(key)
@@ -165,7 +161,7 @@ def _scan_gguf(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
             raise WeightFileError(f"{path}: truncated file: tensor {t.name!r} needs bytes up to "
                                   f"{t.data_offset + t.n_bytes}, the file has {size}. Download it again.")
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name)
-        key = _strip(t.name)
+        key = _strip_prefix(t.name)
         if key in seen:
             raise WeightFileError(f"{path}: two tensors map to the key {key!r}")
         seen.add(key)

@@ -382,3 +382,40 @@ def test_a_dtype_the_device_cannot_run_is_a_clear_error():
     _probe_dtype(torch.device("cpu"), torch.float8_e4m3fn, torch.float32)  # CPUs can cast fp8
     with pytest.raises(BlockSwapError, match="cpu cannot run torch.float4_e2m1fn_x2 weights .*choose another"):
         _probe_dtype(torch.device("cpu"), torch.float4_e2m1fn_x2, torch.float32)  # no CPU kernels
+
+
+def test_gguf_lora_once_after_comfyui_partially_unloads(tmp_path):
+    """ComfyUI's partially_unload (VRAM pressure, or the ring making room) adds a LowVramPatch for a
+    key whose LoRA the pack's patcher attached to the GGUF weight: it must still apply once."""
+    model, _, _ = load_wan_model(write_gguf(tmp_path, tiny_sd()))
+    patched = with_lora(model)
+    mm.load_models_gpu([patched])
+    before = forward(patched)
+    patched.partially_unload(patched.offload_device, 10 ** 12)
+    q = patched.model.diffusion_model.blocks[1].self_attn.q
+    assert q.weight.patches and any(getattr(f, "is_lowvram_patch", False) for f in q.weight_function)
+    assert torch.equal(forward(patched), before)
+
+
+def test_fp8_option_leaves_fp8_weights_alone(tmp_path):
+    sd = tiny_sd()
+    e4 = {k: v.to(torch.float8_e4m3fn) if k.startswith("blocks.") and v.ndim == 2 else v for k, v in sd.items()}
+    path = write_st(tmp_path, e4)
+    plain, _, _ = load_wan_model(path, weight_dtype="fp32")
+    requant, _, _ = load_wan_model(path, fp8_optimization="e5m2", weight_dtype="fp32")
+    a, b = plain.model.diffusion_model.state_dict(), requant.model.diffusion_model.state_dict()
+    assert b["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn and "blocks.0.ffn.0.scale_weight" not in b
+    assert all(torch.equal(a[k].float(), b[k].float()) for k in a)
+
+
+def test_damaged_values_and_incomplete_wan_files_name_the_file(tmp_path):
+    sd = tiny_sd()
+    bad = dict(sd)
+    bad["blocks.2.ffn.0.weight"] = sd["blocks.2.ffn.0.weight"].clone()
+    bad["blocks.2.ffn.0.weight"][0, 0] = float("inf")
+    with pytest.raises(BlockSwapError, match="cannot quantize blocks.2.ffn.0.weight: .*inf or NaN"):
+        load_wan_model(write_st(tmp_path, bad, "inf.safetensors"), fp8_optimization="e4m3fn")
+    partial = {k: v for k, v in sd.items() if k != "head.head.weight"}
+    with pytest.raises(BlockSwapError, match="nohead.safetensors") as e:
+        load_wan_model(write_st(tmp_path, partial, "nohead.safetensors"))
+    assert "head.head.weight" in str(e.value)
