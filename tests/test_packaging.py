@@ -221,3 +221,16 @@ def test_icon_is_in_the_repository_and_within_the_registry_limits():
 def test_readme_install_command_uses_the_registry_name():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"comfy node install {PROJECT['name']}" in readme
+
+
+def test_every_node_is_described_and_every_input_and_output_has_a_tooltip():
+    from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY.startswith("WAN22 BlockSwap"), node_id
+        assert node_id in NODE_DISPLAY_NAME_MAPPINGS and len(cls.DESCRIPTION) > 80, node_id
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, spec in types.get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
