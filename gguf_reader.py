@@ -45,13 +45,14 @@ import math
 import os
 import warnings
 from collections import Counter
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .gguf_dequant import SUPPORTED, GGUFFormatError, _type_name, block_size, check_raw, check_shape, dequantize
 
-__all__ = ["GGUFTensor", "load_gguf_state_dict", "write_tiny_gguf", "check_tensor_type",
+__all__ = ["GGUFTensor", "TensorHeader", "read_headers", "load_gguf_state_dict", "write_tiny_gguf", "check_tensor_type",
            "ORIG_SHAPE_KEY", "KEY_PREFIXES"]
 
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape.{}"
@@ -234,6 +235,57 @@ def _open_reader(path: str):
     return gguf, reader
 
 
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor of a GGUF file, checked: key (prefix stripped), type name, logical torch shape,
+    and gguf-py's ``ReaderTensor`` (``data_offset``, ``n_bytes``, the memmap view ``data``)."""
+
+    key: str
+    type_name: str
+    shape: Tuple[int, ...]
+    tensor: Any
+
+
+def read_headers(path, *, expected_arch: Optional[Iterable[str]] = ("wan",)
+                 ) -> Tuple[Optional[str], List[TensorHeader], int]:
+    """``(architecture, headers, file size)`` of a GGUF file, reading no tensor data. Every check of
+    :func:`load_gguf_state_dict` (its docstring lists them) happens here, so the pack's memory-mapped
+    reader and its copying loader (``weight_files``) refuse the same files with the same messages."""
+    path = os.fspath(path)
+    gguf, reader = _open_reader(path)
+    file_size = os.path.getsize(path)
+    if reader.byte_order != "I":
+        raise GGUFFormatError(f"{path}: the file is in the opposite byte order to this machine "
+                              "(a big-endian GGUF); convert it to little-endian")
+    arch = _field_str(reader.get_field("general.architecture"))
+    if expected_arch is not None:
+        allowed = (expected_arch,) if isinstance(expected_arch, str) else tuple(expected_arch)
+        if arch not in allowed:
+            what = f"architecture {arch!r}" if arch is not None else "no general.architecture"
+            raise GGUFFormatError(f"{path}: the file has {what}; expected {' or '.join(map(repr, allowed))}")
+    for t in reader.tensors:  # types and sizes of all tensors first: the cheap, decisive checks
+        check_tensor_type(path, t.name, t.tensor_type.name)
+        if t.data_offset + t.n_bytes > file_size:  # gguf-py normally fails first; be sure anyway
+            raise GGUFFormatError(f"{path}: truncated or corrupt GGUF file (tensor {t.name!r} runs past "
+                                  f"the end: needs bytes up to {t.data_offset + t.n_bytes}, file has {file_size})")
+    headers: List[TensorHeader] = []
+    seen = set()
+    for t in reader.tensors:
+        key = _strip_prefix(t.name)
+        if key in seen:
+            raise GGUFFormatError(f"{path}: two tensors map to the key {key!r} (prefixes stripped)")
+        seen.add(key)
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        orig = _orig_shape(reader, gguf, t.name, path)
+        if orig is not None:
+            if math.prod(orig) != math.prod(shape):
+                raise GGUFFormatError(f"{path}: tensor {t.name!r} has {math.prod(shape)} elements but its "
+                                      f"{ORIG_SHAPE_KEY.format(t.name)} says {orig}")
+            shape = orig
+        headers.append(TensorHeader(key, t.tensor_type.name, shape, t))
+    return arch, headers, file_size
+
+
 def load_gguf_state_dict(path, *, expected_arch: Optional[Iterable[str]] = ("wan",)
                          ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a GGUF diffusion model, memory-mapped, as ``(state_dict, info)``.
@@ -252,48 +304,20 @@ def load_gguf_state_dict(path, *, expected_arch: Optional[Iterable[str]] = ("wan
     tensor, or two tensors with the same key once prefixes are stripped.
     """
     path = os.fspath(path)
-    gguf, reader = _open_reader(path)
-    file_size = os.path.getsize(path)
-    if reader.byte_order != "I":
-        raise GGUFFormatError(f"{path}: the file is in the opposite byte order to this machine "
-                              "(a big-endian GGUF); convert it to little-endian")
-
-    arch = _field_str(reader.get_field("general.architecture"))
-    if expected_arch is not None:
-        allowed = (expected_arch,) if isinstance(expected_arch, str) else tuple(expected_arch)
-        if arch not in allowed:
-            what = f"architecture {arch!r}" if arch is not None else "no general.architecture"
-            raise GGUFFormatError(f"{path}: the file has {what}; expected {' or '.join(map(repr, allowed))}")
-
-    types: Counter = Counter()
-    for t in reader.tensors:
-        check_tensor_type(path, t.name, t.tensor_type.name)
-        types[t.tensor_type.name] += 1
-        if t.data_offset + t.n_bytes > file_size:  # gguf-py normally fails first; be sure anyway
-            raise GGUFFormatError(f"{path}: truncated or corrupt GGUF file (tensor {t.name!r} runs past "
-                                  f"the end: needs bytes up to {t.data_offset + t.n_bytes}, file has {file_size})")
-
+    arch, headers, file_size = read_headers(path, expected_arch=expected_arch)
+    types = Counter(h.type_name for h in headers)
     sd: Dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         # read-only memmap -> non-writable tensors, on purpose (module docstring)
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE, category=UserWarning)
-        for t in reader.tensors:
-            key = _strip_prefix(t.name)
-            if key in sd:
-                raise GGUFFormatError(f"{path}: two tensors map to the key {key!r} (prefixes stripped)")
-            sd[key] = _to_torch(t, _orig_shape(reader, gguf, t.name, path), path)
+        for h in headers:
+            sd[h.key] = _to_torch(h.tensor, h.shape)
     info = {"architecture": arch, "tensor_types": dict(types), "file_size": file_size}
     return sd, info
 
 
-def _to_torch(t, orig_shape: Optional[Tuple[int, ...]], path) -> torch.Tensor:
+def _to_torch(t, shape: Tuple[int, ...]) -> torch.Tensor:
     name = t.tensor_type.name
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    if orig_shape is not None:
-        if math.prod(orig_shape) != math.prod(shape):
-            raise GGUFFormatError(f"{path}: tensor {t.name!r} has {math.prod(shape)} elements but its "
-                                  f"{ORIG_SHAPE_KEY.format(t.name)} says {orig_shape}")
-        shape = orig_shape
     data = torch.from_numpy(t.data)  # a view of the memmap, no copy
     if name in ("F32", "F16"):
         return data.reshape(shape)

@@ -134,38 +134,13 @@ def _scan_safetensors(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
 def _scan_gguf(path: str) -> Tuple[List[TensorEntry], Dict[str, str]]:
     from . import gguf_reader
 
-    try:
-        gguf, reader = gguf_reader._open_reader(path)
+    try:  # the reader's checks: byte order, tensor types, truncation, orig_shape metadata, duplicate keys
+        arch, headers, _size = gguf_reader.read_headers(path, expected_arch=None)
     except GGUFFormatError as e:
         raise WeightFileError(str(e)) from e
-    size = os.path.getsize(path)
-    if reader.byte_order != "I":
-        raise WeightFileError(f"{path}: a big-endian GGUF file; convert it to little-endian")
-    arch = gguf_reader._field_str(reader.get_field("general.architecture"))
-    entries: List[TensorEntry] = []
-    seen = set()
-    for t in reader.tensors:
-        name = t.tensor_type.name
-        try:
-            gguf_reader.check_tensor_type(path, t.name, name)
-            orig = gguf_reader._orig_shape(reader, gguf, t.name, path)
-        except GGUFFormatError as e:
-            raise WeightFileError(str(e)) from e
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if orig is not None:
-            if math.prod(orig) != math.prod(shape):
-                raise WeightFileError(f"{path}: tensor {t.name!r} has {math.prod(shape)} elements but its "
-                                      f"orig_shape metadata says {orig}")
-            shape = orig
-        if t.data_offset + t.n_bytes > size:
-            raise WeightFileError(f"{path}: truncated file: tensor {t.name!r} needs bytes up to "
-                                  f"{t.data_offset + t.n_bytes}, the file has {size}. Download it again.")
-        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name)
-        key = _strip_prefix(t.name)
-        if key in seen:
-            raise WeightFileError(f"{path}: two tensors map to the key {key!r}")
-        seen.add(key)
-        entries.append(TensorEntry(key, name, shape, int(t.data_offset), int(t.n_bytes), dtype))
+    floats = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    entries = [TensorEntry(h.key, h.type_name, h.shape, int(h.tensor.data_offset), int(h.tensor.n_bytes),
+                           floats.get(h.type_name)) for h in headers]
     return entries, {"general.architecture": arch or ""}
 
 
