@@ -418,6 +418,16 @@ def send_node_text(node_id: Optional[str], text: str) -> None:
         log.debug("block swap: could not send node text", exc_info=True)
 
 
+def plan_for(diffusion_model, settings):
+    """``(layout, clamped settings, plan)`` for ``diffusion_model``: what :func:`apply_block_swap`
+    streams, also asked by the BlockSwap loader before it reads the file."""
+    from .config import detect_layout
+
+    layout = detect_layout(diffusion_model)
+    settings = clamp_settings(settings, layout)
+    return layout, settings, plan_swap(layout, settings)
+
+
 def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
                      ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = ()):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
@@ -428,17 +438,13 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
 
     Raises :class:`BlockSwapError` before anything is changed (no clone, no engine) when the
     model cannot be swapped or the host RAM cannot hold the host copies (see :func:`preflight`)."""
-    from .config import detect_layout
-
     if getattr(patcher, "is_dynamic", lambda: False)():
         text = ("Dynamic VRAM is active: ComfyUI streams the weights itself, so block swap leaves this "
                 "model unchanged. Start ComfyUI with --disable-dynamic-vram to use block swap.")
         log.warning("block swap: %s", text)
         return patcher, text
     diffusion_model = patcher.get_model_object("diffusion_model")
-    layout = detect_layout(diffusion_model)
-    settings = clamp_settings(settings, layout)
-    plan = plan_swap(layout, settings)
+    layout, settings, plan = plan_for(diffusion_model, settings)
     targets = {name: unwrap(diffusion_model.get_submodule(name)) for name in plan.units}
     for name, target in targets.items():  # refuse what cannot stream now, not in the middle of a run
         for p in target.parameters():

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .config import BlockSwapError, WanInfo, check_wan_choice, identify_wan
+from .config import BlockSwapError, check_wan_choice, identify_wan
 from .utils import format_bytes, get_logger
 from .weight_files import TensorEntry, WeightFileError, read_weights, scan_weights
 
@@ -268,25 +268,28 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
     _check_keys(path, set(target), {e.key for e in entries})
 
     # 4. read, convert, assign
-    group_of, group_bytes = None, None
+    group_of = group_bytes = None
     if host_groups is not None:
         units = tuple(host_groups(model.diffusion_model))
 
-        def group_of(key: str) -> Optional[str]:
+        def unit_of(key: str) -> Optional[str]:
             return next((u for u in units if key.startswith(u + ".")), None)
 
         from .block_manager import arena_offset
 
-        group_bytes = {}
+        group_of, group_bytes = unit_of, {}
         for e in entries:
-            unit = group_of(e.key)
+            unit = unit_of(e.key)
             if unit is not None:
                 group_bytes[unit] = group_bytes.get(unit, 0) + sum(
                     arena_offset(n) for n in _loaded_bytes(e, target, fp8_dtype, scaled))
+
+    def unchanged(e: TensorEntry) -> bool:  # _transform hands the tensor back as read
+        return _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype, scaled) in (("keep", None), ("cast", e.dtype))
+
     try:
         sd = read_weights(path, entries, _transform(target, fp8_dtype, scaled), group_of=group_of,
-                          group_bytes=group_bytes, unchanged=lambda e: _decide(
-                              e.key, e.dtype, len(e.shape), target, fp8_dtype, scaled) in (("keep", None), ("cast", e.dtype)))
+                          group_bytes=group_bytes, unchanged=unchanged)
     except WeightFileError as e:
         raise BlockSwapError(str(e)) from e
     sd = model.model_config.process_unet_state_dict(sd)

@@ -345,14 +345,12 @@ class WAN22BlockSwapLoader:
              fp8_optimization, weight_dtype, unique_id=None, vram_budget="off", **swap):
         from .callbacks import apply_block_swap, send_node_text
 
-        from .callbacks import clamp_settings
-        from .config import detect_layout, plan_swap
+        from .callbacks import plan_for
 
         settings, debug, node_id = parse_swap(swap, unique_id)
 
         def streamed_units(diffusion_model):  # known before reading: their weights go straight to masters
-            layout = detect_layout(diffusion_model)
-            return plan_swap(layout, clamp_settings(settings, layout)).units
+            return plan_for(diffusion_model, settings)[2].units
 
         # With vram_budget the count depends on the loaded sizes: those blocks are repacked once.
         patcher, _info, text = _load(model_type, safetensors_model, gguf_model, for_swap=True,

@@ -111,11 +111,11 @@ def one_load(loader: str, path: str) -> dict:
         from wan22_blockswap.config import SwapSettings
         from wan22_blockswap.model_loader import load_wan_model
 
-        from wan22_blockswap.config import detect_layout, plan_swap
+        from wan22_blockswap.callbacks import plan_for
 
         def load():  # what the node does with vram_budget off: streamed blocks read into their masters
             def units(dm):
-                return plan_swap(detect_layout(dm), SwapSettings(blocks_to_swap=len(dm.blocks) - 1)).units
+                return plan_for(dm, SwapSettings(blocks_to_swap=len(dm.blocks) - 1))[2].units
 
             patcher = load_wan_model(path, for_swap=True, host_groups=units)[0]
             blocks = len(patcher.model.diffusion_model.blocks) - 1
