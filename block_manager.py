@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 from torch import nn
 
-from .config import BlockSwapError, SwapPlan, SwapSettings, detect_layout, plan_swap, tensor_bytes
+from .config import BlockSwapError, SwapPlan, SwapSettings, detect_layout, leaf_tensors, plan_swap, tensor_bytes
 from .utils import as_device, format_bytes, get_logger, host_available_bytes
 
 log = get_logger("engine")
@@ -67,17 +67,17 @@ def arena_offset(nbytes: int) -> int:
 
 def check_streamable(param: torch.Tensor, unit_name: str) -> None:
     """Raise :class:`BlockSwapError` for a parameter the engine cannot pack and rebind: a wrapper
-    tensor subclass (``__torch_dispatch__``, e.g. ComfyUI's QuantizedTensor for fp8_scaled files)
-    has no storage of its own."""
-    if getattr(type(param), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__:
-        raise BlockSwapError(
-            f"{unit_name} holds {type(param).__name__} weights (e.g. an fp8_scaled checkpoint), which "
-            "block swap cannot stream yet; use the plain fp16/bf16/fp8 file or a GGUF file.")
+    tensor subclass that does not declare its inner tensors (ComfyUI's QuantizedTensor does)."""
+    try:
+        leaf_tensors(param)
+    except BlockSwapError as e:
+        raise BlockSwapError(f"{unit_name}: {e}") from None
 
 
 def packed_bytes(module: nn.Module) -> int:
-    """Size of the flat buffer (host master or device slot) that holds ``module``'s parameters."""
-    return sum(_align(tensor_bytes(p)) for p in module.parameters())
+    """Size of the flat buffer (host master or device slot) that holds ``module``'s parameters: every
+    plain tensor holding their bytes (a quantized weight's data and scales), each aligned."""
+    return sum(_align(tensor_bytes(t)) for p in module.parameters() for _, t in leaf_tensors(p))
 
 
 def _dense_stride(size: Sequence[int], stride: Sequence[int]) -> Optional[Tuple[int, ...]]:
@@ -93,16 +93,37 @@ def _dense_stride(size: Sequence[int], stride: Sequence[int]) -> Optional[Tuple[
 
 
 @dataclass
-class _Entry:
-    """One parameter of a unit and where it sits in the unit's flat buffers."""
+class _Part:
+    """One plain tensor holding a parameter's bytes, and where it sits in the unit's flat buffers."""
 
-    param: torch.Tensor  # the Parameter object itself; its identity is preserved
+    name: str  # inner tensor of a wrapper subclass (``__tensor_flatten__``); "" for a plain tensor
     offset: int
     nbytes: int
     dtype: torch.dtype
     size: Tuple[int, ...]
     stride: Optional[Tuple[int, ...]]  # original layout, restored at teardown when dense
+
+
+@dataclass
+class _Entry:
+    """One parameter of a unit: the plain tensors holding its bytes and how it is bound to them.
+
+    A plain parameter (GGUF and fp8 tensors included) is rebound with ``param.data = view``: the
+    Parameter object, its type and attributes stay. A wrapper subclass (ComfyUI's QuantizedTensor)
+    cannot be: ``.data =`` does not reach its inner tensors (a silent no-op for ``_qdata``) and
+    cannot change its device, so it is rebuilt around views with ``__tensor_unflatten__`` and
+    registered again under its ``owners``' names.
+    """
+
+    param: torch.Tensor  # the tensor registered now (for plain parameters always the same object)
+    owners: List[Tuple[nn.Module, str]]  # every (module, name) it is registered under
+    parts: List[_Part]
     device: torch.device  # where it lived before setup
+    wrapper: Optional[Tuple[object, Tuple[int, ...], Tuple[int, ...]]] = None  # (ctx, size, stride)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
 
 
 class _Unit:
@@ -117,8 +138,8 @@ class _Unit:
         self.arena: Optional[torch.Tensor] = None  # a loader's buffer to adopt as the master (see _collect)
         self.master: Optional[torch.Tensor] = None
         self.pinned = False
-        self.host_views: List[torch.Tensor] = []
-        self.slot_views: Dict[int, List[torch.Tensor]] = {}
+        self.host_views: List[torch.Tensor] = []  # per entry: what it is bound to on the host
+        self.slot_views: Dict[int, List[torch.Tensor]] = {}  # per slot, likewise
         self.slot: Optional[int] = None  # slot holding a copy of this unit's weights
         self.bound = False  # parameters currently point into ``slot``
         self.used_since_copy = False  # the slot's copy already served a run: a reuse, not a prefetch
@@ -430,11 +451,15 @@ class BlockSwapEngine:
         params = self._unit_params(u)
         if u.master is None or len(params) != len(u.entries):
             return False
-        for p, e, v in zip(params, u.entries, u.host_views):
-            if (p.data_ptr() != v.data_ptr() or p.dtype != e.dtype
-                    or tuple(torch.Tensor.size(p)) != e.size):
+        for (p, owners), e, bound in zip(params, u.entries, u.host_views):
+            if owners != e.owners or (e.wrapper is not None and (
+                    type(p) is not type(bound) or torch.Tensor.size(p) != torch.Tensor.size(bound))):
                 return False
-        for p, e in zip(params, u.entries):
+            leaves, expected = leaf_tensors(p), leaf_tensors(bound)
+            if [(n, t.data_ptr(), t.dtype, t.shape) for n, t in leaves] != \
+                    [(n, t.data_ptr(), t.dtype, t.shape) for n, t in expected]:
+                return False
+        for (p, _), e in zip(params, u.entries):
             e.param = p
         return True
 
@@ -634,14 +659,13 @@ class BlockSwapEngine:
 
     def _bind_slot(self, u: _Unit) -> None:
         k = u.slot
-        views = u.slot_views.get(k)
-        if views is None:
-            views = u.slot_views[k] = self._views(self._slots[k], u)
+        binds = u.slot_views.get(k)
+        if binds is None:
+            binds = u.slot_views[k] = self._bindings(self._slots[k], u)
         if u.used_since_copy:
             self.tracker.slot_reuses += 1
         u.used_since_copy = True
-        for e, v in zip(u.entries, views):
-            e.param.data = v
+        self._bind(u, binds)
         u.bound = True
         self._bound.add(u)
         self._use_counter += 1
@@ -651,8 +675,7 @@ class BlockSwapEngine:
             self.tracker.max_bound_units = len(self._bound)
 
     def _bind_host(self, u: _Unit) -> None:
-        for e, v in zip(u.entries, u.host_views):
-            e.param.data = v
+        self._bind(u, u.host_views)
         u.bound = False
         self._bound.discard(u)
         self.tracker.location[u.name] = "host"
@@ -662,24 +685,30 @@ class BlockSwapEngine:
         """Record the unit's parameters and check they can be packed. Touches nothing."""
         entries: List[_Entry] = []
         offset = 0
-        for p in self._unit_params(u):
+        for p, owners in self._unit_params(u):
             check_streamable(p, u.name)
-            size = tuple(torch.Tensor.size(p))
-            nbytes = tensor_bytes(p)
-            entries.append(_Entry(p, offset, nbytes, p.dtype, size,
-                                  _dense_stride(size, torch.Tensor.stride(p)), p.device))
-            offset += _align(nbytes)
-        devices = {e.device for e in entries}
+            parts = []
+            for name, t in leaf_tensors(p):
+                size = tuple(torch.Tensor.size(t))
+                parts.append(_Part(name, offset, tensor_bytes(t), t.dtype, size,
+                                   _dense_stride(size, torch.Tensor.stride(t))))
+                offset += _align(parts[-1].nbytes)
+            wrapper = None
+            if parts[0].name:  # a wrapper subclass: what rebuilds it around other inner tensors
+                wrapper = (p.__tensor_flatten__()[1], tuple(torch.Tensor.size(p)), tuple(torch.Tensor.stride(p)))
+            entries.append(_Entry(p, owners, parts, p.device, wrapper))
+        devices = {t.device for e in entries for _, t in leaf_tensors(e.param)}
         if len(devices) > 1:
             raise BlockSwapError(
                 f"{u.name} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
                 "load the model fully onto one device before enabling block swap.")
         u.arena = self._arena_of(entries) if entries else None
-        if u.arena is not None:  # adopt the loader's arena: the entries keep their places in it
+        if u.arena is not None:  # adopt the loader's arena: the tensors keep their places in it
             lo = u.arena.data_ptr()
             for e in entries:
-                e.offset = e.param.data_ptr() - lo
-            offset = max(e.offset + e.nbytes for e in entries)
+                for part, (_, t) in zip(e.parts, leaf_tensors(e.param)):
+                    part.offset = t.data_ptr() - lo
+            offset = max(p.offset + p.nbytes for e in entries for p in e.parts)
         u.entries, u.nbytes = entries, offset
         u.slot_views = {}  # the layout may have changed: views of the old one are wrong
 
@@ -688,15 +717,16 @@ class BlockSwapEngine:
         :func:`host_arena` a loader filled), as a uint8 view of whole pages; None otherwise."""
         if self.offload_device.type != "cpu" or any(e.device.type != "cpu" for e in entries):
             return None
-        storage = entries[0].param.untyped_storage()
-        if any(e.param.untyped_storage().data_ptr() != storage.data_ptr() or e.stride is None
-               or not e.param.is_contiguous() for e in entries):
+        leaves = [(part, t) for e in entries for part, (_, t) in zip(e.parts, leaf_tensors(e.param))]
+        storage = leaves[0][1].untyped_storage()
+        if any(t.untyped_storage().data_ptr() != storage.data_ptr() or part.stride is None
+               or not t.is_contiguous() for part, t in leaves):
             return None
-        spans = sorted((e.param.data_ptr(), e.param.data_ptr() + e.nbytes) for e in entries)
+        spans = sorted((t.data_ptr(), t.data_ptr() + part.nbytes) for part, t in leaves)
         lo, hi = spans[0][0], max(end for _, end in spans)
         if lo % PAGE or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
             return None
-        if hi - lo > sum(_align(e.nbytes) for e in entries):  # not a tight arena: someone's bigger buffer
+        if hi - lo > sum(_align(part.nbytes) for part, _ in leaves):  # not tight: someone's bigger buffer
             return None
         rounded = (hi - lo + PAGE - 1) // PAGE * PAGE
         start = lo - storage.data_ptr()
@@ -705,15 +735,14 @@ class BlockSwapEngine:
         return torch.empty(0, dtype=torch.uint8).set_(storage, start, (rounded,))
 
     @staticmethod
-    def _unit_params(u: _Unit) -> List[torch.Tensor]:
-        seen: Set[int] = set()
-        out = []
+    def _unit_params(u: _Unit) -> List[Tuple[torch.Tensor, List[Tuple[nn.Module, str]]]]:
+        """Each distinct parameter of the unit with every (module, name) it is registered under."""
+        found: Dict[int, Tuple[torch.Tensor, List[Tuple[nn.Module, str]]]] = {}
         for mod in u.module.modules():
-            for p in mod._parameters.values():
-                if p is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    found.setdefault(id(p), (p, []))[1].append((mod, name))
+        return list(found.values())
 
     def _check_host_ram(self, units: Sequence[_Unit]) -> None:
         off = self.offload_device
@@ -737,32 +766,52 @@ class BlockSwapEngine:
             if self._async:
                 self._pin(u.arena)
             master, u.arena = u.arena[:u.nbytes], None
-            views = self._views(master, u)
-            for e, v in zip(u.entries, views):
-                e.param.data = v  # the same memory, now viewed through the master
-            u.master, u.host_views, u.pinned = master, views, master.data_ptr() in self._pinned_ptrs
+            binds = self._bindings(master, u)
+            self._bind(u, binds)  # the same memory, now viewed through the master
+            u.master, u.host_views, u.pinned = master, binds, master.data_ptr() in self._pinned_ptrs
             return
         # Filled before it is attached to the unit: if a copy fails, the unit keeps its old
         # storage and nothing is restored from a half-filled buffer.
         master = self._host_buffer(u.nbytes)
-        views = self._views(master, u)
         try:
-            for e, v in zip(u.entries, views):
-                v.copy_(e.param.data)
+            for e in u.entries:
+                # .data: a plain parameter's bytes as a plain tensor (a GGUF tensor's raw bytes)
+                sources = [e.param.data] if e.wrapper is None else [t for _, t in leaf_tensors(e.param)]
+                for v, src in zip(self._part_views(master, e), sources):
+                    v.copy_(src)
         except BaseException:
-            del views
             self._unpin_buffer(master)
             raise
         for e in u.entries:
             if e.device.type != "cpu" and self.offload_device.type == "cpu":
                 self.tracker.setup_d2h_bytes += e.nbytes
-        for e, v in zip(u.entries, views):
-            e.param.data = v
-        u.master, u.host_views, u.pinned = master, views, master.data_ptr() in self._pinned_ptrs
+        binds = self._bindings(master, u)
+        self._bind(u, binds)
+        u.master, u.host_views, u.pinned = master, binds, master.data_ptr() in self._pinned_ptrs
 
     @staticmethod
-    def _views(buf: torch.Tensor, u: _Unit) -> List[torch.Tensor]:
-        return [buf[e.offset:e.offset + e.nbytes].view(e.dtype).view(e.size) for e in u.entries]
+    def _part_views(buf: torch.Tensor, e: _Entry) -> List[torch.Tensor]:
+        return [buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.size) for p in e.parts]
+
+    def _bindings(self, buf: torch.Tensor, u: _Unit) -> List[torch.Tensor]:
+        """What each parameter of ``u`` is bound to while its bytes are those in ``buf`` (the host
+        master or a slot): a view for a plain parameter, a wrapper rebuilt around views otherwise.
+        Made once per buffer and cached, so binding allocates nothing per step."""
+        out = []
+        for e in u.entries:
+            views = self._part_views(buf, e)
+            out.append(views[0] if e.wrapper is None else _rebuild(e, views))
+        return out
+
+    @staticmethod
+    def _bind(u: _Unit, binds: List[torch.Tensor]) -> None:
+        for e, b in zip(u.entries, binds):
+            if e.wrapper is None:
+                e.param.data = b
+            else:
+                for mod, name in e.owners:
+                    mod._parameters[name] = b
+                e.param = b
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         """A host master of ``nbytes``. Where it will be pinned it starts on a page boundary and
@@ -863,14 +912,19 @@ class BlockSwapEngine:
         for u in self._units:
             if u.master is None:
                 continue
-            for e, v in zip(u.entries, u.host_views):
+            own = []
+            for e in u.entries:
                 dev = device or e.device
-                if e.stride is not None:
-                    out = torch.empty_strided(e.size, e.stride, dtype=e.dtype, device=dev)
-                else:
-                    out = torch.empty(e.size, dtype=e.dtype, device=dev)
-                out.copy_(v)
-                e.param.data = out
+                inner = []
+                for part, v in zip(e.parts, self._part_views(u.master, e)):
+                    if part.stride is not None:
+                        out = torch.empty_strided(part.size, part.stride, dtype=part.dtype, device=dev)
+                    else:
+                        out = torch.empty(part.size, dtype=part.dtype, device=dev)
+                    out.copy_(v)
+                    inner.append(out)
+                own.append(inner[0] if e.wrapper is None else _rebuild(e, inner))
+            self._bind(u, own)
             self._unpin(u)
             u.master, u.host_views, u.bound = None, [], False
 
@@ -966,6 +1020,18 @@ def _unregister_all(pinned: Dict[int, int]) -> None:
     for ptr in list(pinned):
         torch.cuda.cudart().cudaHostUnregister(ptr)
     pinned.clear()
+
+
+def _rebuild(e: _Entry, inner: List[torch.Tensor]) -> torch.Tensor:
+    """``e``'s wrapper tensor rebuilt around ``inner`` (one tensor per part), marked a Parameter
+    where it was one. Not through ``nn.Parameter(t)``: for a custom tensor that is ``t.detach()``,
+    and ComfyUI's QuantizedTensor clones its scales when detached (they would leave the buffer), so
+    it is marked the way ``nn.Parameter`` marks custom tensors."""
+    ctx, size, stride = e.wrapper
+    t = type(e.param).__tensor_unflatten__({p.name: v for p, v in zip(e.parts, inner)}, ctx, size, stride)
+    if isinstance(e.param, nn.Parameter) and not isinstance(t, nn.Parameter):
+        t._is_param = True
+    return t
 
 
 def place_resident(model: nn.Module, plan: SwapPlan, device) -> None:

@@ -178,8 +178,39 @@ def plan_swap(layout: ModelLayout, settings: SwapSettings) -> SwapPlan:
     return SwapPlan(layout, tuple(units), blocks, vace, ring_size(s.prefetch_blocks, len(units)), s)
 
 
+def is_wrapper_tensor(t: torch.Tensor) -> bool:
+    """True for a wrapper tensor subclass (its own ``__torch_dispatch__``, e.g. ComfyUI's
+    QuantizedTensor for fp8_scaled / NVFP4 / INT8 files): its bytes live in inner plain tensors, and
+    its ``dtype`` / ``element_size`` are the logical ones, not what is stored."""
+    return getattr(type(t), "__torch_dispatch__", None) is not torch.Tensor.__torch_dispatch__
+
+
+def leaf_tensors(t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """The plain tensors that hold ``t``'s bytes: ``[("", t)]`` for a plain tensor (subclasses with
+    their own storage such as GGUF tensors included), the ``__tensor_flatten__`` inner tensors of a
+    wrapper subclass (``_qdata``, the scales...). Raises :class:`BlockSwapError` for a wrapper that
+    does not declare its inner tensors, or nests another wrapper."""
+    if not is_wrapper_tensor(t):
+        return [("", t)]
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or not hasattr(type(t), "__tensor_unflatten__"):
+        raise BlockSwapError(
+            f"{type(t).__name__} weights do not declare their inner tensors (__tensor_flatten__), so "
+            "block swap cannot pack them; load the model in another format or swap fewer blocks.")
+    names, _ctx = flatten()
+    out = [(name, getattr(t, name)) for name in names]
+    for name, inner in out:
+        if is_wrapper_tensor(inner):
+            raise BlockSwapError(f"{type(t).__name__}.{name} is itself a {type(inner).__name__}: nested "
+                                 "wrapper tensors cannot be streamed by block swap.")
+    return out
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of a tensor's own elements (the stored form: fp8 is 1 byte, quantized raw bytes as is)."""
+    """Bytes a tensor really stores: fp8 is 1 byte, GGUF raw bytes as they are, a wrapper subclass
+    (ComfyUI's QuantizedTensor) the sum of its inner tensors, not its logical dtype's size."""
+    if is_wrapper_tensor(t):
+        return sum(tensor_bytes(inner) for _, inner in leaf_tensors(t))
     return torch.Tensor.numel(t) * torch.Tensor.element_size(t)
 
 

@@ -328,7 +328,8 @@ def test_slot_transform_runs_once_per_fresh_copy():
 
 
 class _WrapperTensor(torch.Tensor):
-    """A __torch_dispatch__ wrapper subclass, shaped like ComfyUI's QuantizedTensor (fp8_scaled)."""
+    """A __torch_dispatch__ wrapper subclass that does not declare its inner tensors
+    (no __tensor_flatten__), unlike ComfyUI's QuantizedTensor: the engine cannot pack it."""
 
     @staticmethod
     def __new__(cls, inner):
@@ -345,13 +346,13 @@ class _WrapperTensor(torch.Tensor):
         return _WrapperTensor(out) if func is torch.ops.aten.detach.default else out
 
 
-def test_wrapper_subclass_weights_are_refused_before_anything_is_touched():
+def test_wrappers_without_inner_tensors_are_refused_before_anything_is_touched():
     model, _ = comfy_layout_model("t2v")
     lin = model.blocks[7].ffn[0]
     lin.weight = nn.Parameter(_WrapperTensor(lin.weight.detach().clone()), requires_grad=False)
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters() if n != "blocks.7.ffn.0.weight"}
     engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu")
-    with pytest.raises(BlockSwapError, match=r"blocks\.7 holds _WrapperTensor weights.*fp8_scaled"):
+    with pytest.raises(BlockSwapError, match=r"blocks\.7: _WrapperTensor weights do not declare their inner tensors"):
         engine.setup()
     assert {n: p.data_ptr() for n, p in model.named_parameters() if n != "blocks.7.ffn.0.weight"} == ptrs
 
