@@ -809,8 +809,12 @@ class BlockSwapEngine:
             if e.wrapper is None:
                 e.param.data = b
             else:
+                # Only where our tensor is still registered: one that someone else put there since
+                # (ComfyUI's LoRA patching of a model that is not streaming now) is theirs, as a
+                # plain parameter's replacement is unaffected by ``.data =`` on our object.
                 for mod, name in e.owners:
-                    mod._parameters[name] = b
+                    if mod._parameters.get(name) is e.param:
+                        mod._parameters[name] = b
                 e.param = b
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:

@@ -256,7 +256,10 @@ class SwapController:
             # core's method: patcher subclasses (ComfyUI-GGUF) may lack return_weight
             patched = ModelPatcher.patch_weight_to_device(patcher, key, device_to=patcher.load_device,
                                                           return_weight=True)
-            self._param(key).data.copy_(patched)  # the parameter is bound to the slot right now
+            # The parameter is bound to the slot right now. copy_, not .data.copy_: a quantized weight
+            # (QuantizedTensor) then takes the requantized data *and* its new scale, both in the slot.
+            with torch.no_grad():
+                self._param(key).copy_(patched)
 
     def account(self, patcher, engine: BlockSwapEngine) -> None:
         """ComfyUI's figure of what is loaded = bytes really on the load device + the ring."""

@@ -159,3 +159,18 @@ def test_a_replaced_quantized_weight_is_repacked_on_the_next_setup(layout):
     outs = denoise(model, inputs)
     engine.teardown()
     assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+
+
+def test_teardown_leaves_a_weight_registered_by_someone_else_since(layout):
+    """ComfyUI patches LoRA into a model by registering a new weight (set_attr_param); when our engine
+    is torn down afterwards (another node's plan), the patched weight must stay, as a plain
+    parameter's replacement does (``.data =`` reaches only our own object)."""
+    model, inputs, quantized = _model(layout)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu").setup()
+    lin, plain = model.blocks[6].ffn[0], model.blocks[6].norm3
+    theirs = nn.Parameter(quantize(lin.weight.dequantize() * 2, layout), requires_grad=False)
+    theirs_plain = nn.Parameter(plain.weight.detach() * 2, requires_grad=False)
+    lin.weight, plain.weight = theirs, theirs_plain
+    engine.teardown()
+    assert lin.weight is theirs and plain.weight is theirs_plain
+    assert type(model.blocks[5].ffn[0].weight) is type(theirs)  # the others are restored as they were
