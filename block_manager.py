@@ -372,17 +372,22 @@ class BlockSwapEngine:
         return self
 
     def end_run(self) -> None:
-        """After a sampling run: evict whatever is still bound (an interrupted run) and read the
-        finished timing events. Keeps masters and slots for the next run."""
+        """After a sampling run: evict whatever is still bound (an interrupted run), close a forward
+        found without begin/end calls, and read the finished timing events. Keeps masters and
+        slots for the next run."""
         self._evict_bound()
+        if self._trace and not self._in_forward:
+            self._finish_forward()
         if self._pending_timings:
             self._drain_timings()
+        self._release_if_pending()
 
     def release_ring(self) -> None:
         """Free the device ring but keep the host masters bound: the model stays usable on the host
         and a later :meth:`setup` only re-allocates the ring. Inside a forward (a garbage-collected
-        clone's ON_DETACH can fire anywhere) the release waits for the forward's end."""
-        if self._in_forward:
+        clone's ON_DETACH can fire anywhere) the release waits for the forward's end, or, without
+        begin/end calls, for the running unit's end."""
+        if self._in_forward or self._bound:
             self._release_pending = True
             return
         if not self._slots:
@@ -468,12 +473,14 @@ class BlockSwapEngine:
         t.host_bytes = sum(u.nbytes for u in self._units if u.master is not None)
         t.pinned_bytes = sum(self._pinned_ptrs.values())
 
-    def attach_hooks(self) -> None:
-        """Install per-instance module hooks (no global patching) that drive the schedule."""
+    def attach_hooks(self, bracket_forwards: bool = True) -> None:
+        """Install per-instance module hooks (no global patching) that drive the schedule.
+        ``bracket_forwards=False``: no hooks on the model itself, for callers whose forward does not
+        go through ``model.forward``; the engine then finds forward boundaries on its own."""
         if self._hooks:
             return
         model = self.model
-        if model is not None:
+        if model is not None and bracket_forwards:
             self._hooks.append(model.register_forward_pre_hook(lambda m, a: self.begin_forward()))
             self._hooks.append(model.register_forward_hook(
                 lambda m, a, o: self.end_forward(), always_call=True))
@@ -504,6 +511,12 @@ class BlockSwapEngine:
 
     def end_forward(self) -> None:
         self._evict_bound()  # normally empty; not after an exception inside a unit's hooks
+        self._finish_forward()
+        self._in_forward = False
+        self._release_if_pending()
+
+    def _finish_forward(self) -> None:
+        """Learn the order the forward ran its units in and count it."""
         if self._trace and self._trace != self._order:
             self._order = list(self._trace)
             self.tracker.schedule_updates += 1
@@ -512,18 +525,28 @@ class BlockSwapEngine:
         self.tracker.forwards += 1
         if self._pending_timings:
             self._drain_timings()
-        self._in_forward = False
-        if self._release_pending:
+
+    def _release_if_pending(self) -> None:
+        if self._release_pending and not self._in_forward and not self._bound:
             self._release_pending = False
             self.release_ring()
+
+    def _implicit_boundary(self, index: int) -> bool:
+        """Without begin/end calls (a forward that bypasses the wrapper, e.g. ComfyUI's CausalWan
+        under SamplerARVideo): a new forward starts when the first unit of the learned order comes
+        again after a whole order's worth of units ran."""
+        return (not self._in_forward and bool(self._trace) and index == self._order[0]
+                and len(self._trace) >= len(self._order))
 
     def before_unit(self, index: int) -> None:
         """Make unit ``index`` resident in a slot and point its parameters there; prefetch ahead."""
         t0 = time.perf_counter()
         if not self._slots:  # released since the last use: bring the ring back
             self._alloc_ring()
+        if self._implicit_boundary(index):
+            self._finish_forward()
         u = self._units[index]
-        if len(self._trace) < 4 * len(self._order) + 16:  # bounded even without begin/end calls
+        if len(self._trace) < 4 * len(self._order) + 16:  # bounded even if no forward ever ends
             self._trace.append(index)
         upcoming = self._upcoming(index)
         protect = {index, *upcoming}
@@ -552,6 +575,8 @@ class BlockSwapEngine:
             if self._async:
                 self._free_ev[u.slot].record(torch.cuda.current_stream(self.compute_device))
             self._bind_host(u)
+        if self._release_pending:
+            self._release_if_pending()
         self.tracker.hook_seconds += time.perf_counter() - t0
 
     def _evict_bound(self) -> None:

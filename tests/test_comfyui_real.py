@@ -114,7 +114,10 @@ def _run(server, prompt):
         h = _req(server["base"], f"/history/{pid}") or {}
         status = h.get(pid, {}).get("status", {})
         if status.get("status_str") in ("success", "error"):
-            assert status["status_str"] == "success", json.dumps(status)[-3000:]
+            errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+            assert status["status_str"] == "success", (
+                "".join(errors[0].get("traceback", [])[-6:]) + errors[0].get("exception_message", "")
+                if errors else json.dumps(status)[-3000:])
             return h[pid]["outputs"]
         assert time.time() < deadline, "prompt timed out"
         time.sleep(0.2)
@@ -380,7 +383,10 @@ def _run_entry(server, prompt):
         h = _req(server["base"], f"/history/{pid}") or {}
         status = h.get(pid, {}).get("status", {})
         if status.get("status_str") in ("success", "error"):
-            assert status["status_str"] == "success", json.dumps(status)[-3000:]
+            errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
+            assert status["status_str"] == "success", (
+                "".join(errors[0].get("traceback", [])[-6:]) + errors[0].get("exception_message", "")
+                if errors else json.dumps(status)[-3000:])
             return h[pid]
         assert time.time() < deadline, "prompt timed out"
         time.sleep(0.2)
@@ -772,3 +778,74 @@ def test_wan_video_looper_identical_with_looper_models_and_sequencer(server, wan
     print(f"\n[looper] 5 looper runs x {loops} loops in {elapsed:.1f} s; plain experts: "
           f"{sum(ev == 'pre_run' for _, ev, _ in probe)} sampler calls on 2 patchers, "
           f"{sum(ev == 'load' for _, ev, _ in probe)} ON_LOAD; 'Requested to load' in the prompt: {loads}")
+
+
+# --- ComfyUI's quantized checkpoints (fp8_scaled) through Load Diffusion Model ------------------------
+def test_fp8_scaled_unetloader_graph_identical_with_swap_and_lora(server):
+    """The official repackaged form (fp8 block matrices + .scale_weight + a scaled_fp8 marker) through
+    UNETLoader, as most users run WAN: the swap node streams its QuantizedTensor weights."""
+    from test_comfyui_quantized import write_form
+
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    name = "wan22bs_tiny_t2v_fp8_scaled.safetensors"
+    write_form(comfy / "models" / "diffusion_models" / name, "scaled_fp8", seed=3)
+    loader = {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}
+    tag = f"fp8s{uuid.uuid4().hex[:6]}"
+    _run(server, _graph(tag, {"plain": [], "swap3": [_swap(3)], "swap8": [_swap(8)], "lora": [LORA_NODE],
+                              "lora_swap": [LORA_NODE, _swap(5)], "swap_lora": [_swap(5), LORA_NODE]},
+                        loader=loader))
+    plain = _latent(server, f"{tag}_plain")
+    fp16 = _latent(server, f"{tag}_plain")
+    for branch in ("swap3", "swap8"):
+        assert torch.equal(_latent(server, f"{tag}_{branch}"), plain), branch
+    lora = _latent(server, f"{tag}_lora")
+    assert not torch.equal(lora, plain)
+    for branch in ("lora_swap", "swap_lora"):
+        assert torch.equal(_latent(server, f"{tag}_{branch}"), lora), branch
+    del fp16
+
+
+# --- A forward that bypasses the DIFFUSION_MODEL wrapper: CausalWan under SamplerARVideo ----------------
+def test_causal_wan_ar_sampler_identical_and_counts_its_forwards(server):
+    """ComfyUI's CausalWanModel (a WAN 2.1 file whose metadata says causal_ar) sampled by SamplerARVideo
+    calls its blocks from forward_block, past the wrapper: the engine finds each forward itself."""
+    from safetensors.torch import load_file, save_file
+
+    comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
+    models = comfy / "models" / "diffusion_models"
+    name = "wan22bs_tiny_causal_t2v.safetensors"
+    save_file(load_file(str(models / MODEL)), str(models / name),
+              metadata={"config": json.dumps({"transformer": {"causal_ar": True}})})
+    tag = f"causal{uuid.uuid4().hex[:6]}"
+    g = {"load": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}},
+         "pos": {"class_type": "TinyWanTextEmbeds", "inputs": {"seed": 1, "tokens": 16, "text_dim": 4096, "scale": 1.0}},
+         "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["pos", 0]}},
+         "lat": {"class_type": "EmptyARVideoLatent", "inputs": {"width": 64, "height": 64, "length": 9, "batch_size": 1}},
+         "sampler": {"class_type": "SamplerARVideo", "inputs": {"num_frame_per_block": 1}}}
+    for branch, chain in (("plain", []), ("swap", [_swap(4, debug=True)])):
+        src = ["load", 0]
+        for i, (cls, inputs) in enumerate(chain):
+            g[f"{branch}_{i}"] = {"class_type": cls, "inputs": {"model": src, **inputs}}
+            src = [f"{branch}_{i}", 0]
+        g[f"{branch}_sig"] = {"class_type": "BasicScheduler", "inputs": {"model": src, "scheduler": "simple",
+                                                                       "steps": 3, "denoise": 1.0}}
+        g[f"{branch}_ks"] = {"class_type": "SamplerCustom", "inputs": {
+            # cfg 1: the AR sampler's KV cache holds one batch (distilled causal models run without CFG)
+            "model": src, "add_noise": True, "noise_seed": 42, "cfg": 1.0, "positive": ["pos", 0],
+            "negative": ["neg", 0], "sampler": ["sampler", 0], "sigmas": [f"{branch}_sig", 0],
+            "latent_image": ["lat", 0]}}
+        g[f"{branch}_save"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"{branch}_ks", 0],
+                                                                     "filename_prefix": f"{tag}_{branch}"}}
+    _run(server, g)
+    assert torch.equal(_latent(server, f"{tag}_swap"), _latent(server, f"{tag}_plain"))
+    traces = sorted((server["out"] / "wan22_blockswap_traces").glob("*_nodeswap_0.json"))
+    assert traces, "the debug trace of the swap branch was not written"
+    trace = json.loads(traces[-1].read_text())
+    s, units = trace["summary"], {d["unit"]: d["copies"] for d in trace["units"]}
+    # 3 latent frames, one per AR block: 3 denoising steps + 1 KV-cache update each, 12 forwards (0 when
+    # only the wrapper counted them)
+    assert s["forwards"] == 12, s
+    first, *rest = trace["plan"]["units"]
+    # every streamed block is copied once per forward; the first once more, preloaded for a next one
+    assert all(units[u] == s["forwards"] for u in rest) and units[first] == s["forwards"] + 1, (units, s)
+    assert s["stalls"] == 1, s  # only the very first copy is waited for: the preload spans forwards

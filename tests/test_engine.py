@@ -470,3 +470,47 @@ def test_a_buffer_shared_with_other_modules_is_not_adopted():
     engine.pack_masters()
     assert all(u.master.data_ptr() != arena.data_ptr() for u in engine._units)
     engine.teardown()
+
+
+def test_forwards_are_found_without_begin_and_end_calls():
+    """A forward that bypasses the model's entry point (ComfyUI's CausalWan under SamplerARVideo calls
+    its blocks from forward_block, past the DIFFUSION_MODEL wrapper): the engine counts forwards from
+    the learned order wrapping around, keeps preloading the next forward, and end_run closes the last."""
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    results = {}
+    for bracket in (True, False):
+        engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu")
+        engine.setup(install_hooks=False)
+        engine.attach_hooks(bracket_forwards=bracket)
+        outs = denoise(model, inputs)
+        engine.end_run()
+        results[bracket] = (engine.tracker.summary(), outs)
+        engine.teardown()
+    for bracket, (s, outs) in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(reference, outs)), bracket
+        assert s["forwards"] == len(reference), bracket
+        # only the very first unit waits; every later one, across forwards too, was preloaded
+        assert s["stalls"] == 1 and s["prefetch_hits"] == 3 * len(reference) - 1, (bracket, s)
+    assert results[True][0]["h2d_bytes"] == results[False][0]["h2d_bytes"]
+
+
+def test_a_ring_release_between_units_of_an_unbracketed_forward_waits_for_the_unit():
+    model, inputs = comfy_layout_model("t2v")
+    reference = denoise(model, inputs)
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=3), "cpu")
+    engine.setup(install_hooks=False)
+    engine.attach_hooks(bracket_forwards=False)
+    seen = []
+
+    def release_inside(module, args):  # a garbage-collected clone's ON_DETACH, inside the block
+        engine.release_ring()
+        seen.append(engine.device_bytes)
+
+    handle = model.blocks[6].register_forward_pre_hook(release_inside)
+    outs = denoise(model, inputs)
+    handle.remove()
+    engine.end_run()
+    assert all(b > 0 for b in seen)  # not freed under the running block
+    assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+    engine.teardown()
