@@ -17,6 +17,12 @@ wrong choice fails before anything big is allocated, and nothing half-built is e
 5. The result is a classic (non-dynamic) ``ModelPatcher`` (``quant_ops.patcher_class``), so block swap
    works on it whether or not ComfyUI's Dynamic VRAM is on.
 
+ComfyUI's quantized files (the official fp8_scaled checkpoints: ``scaled_fp8`` marker + ``.scale_weight``;
+the ``_quantization_metadata`` header; inline ``.comfy_quant`` layer configs, with any layout: fp8,
+MXFP8, NVFP4, INT8...) take steps 1-3 the same way on ComfyUI's own conversion of their keys, then are
+read whole and built by ComfyUI's loading function (``comfy.sd.load_diffusion_model_state_dict``,
+UNETLoader's): the same QuantizedTensor weights and mixed-precision layers, on a classic patcher.
+
 fp8 option: only 2-D ``weight`` matrices inside ``blocks.N`` / ``vace_blocks.N`` (attention and FFN
 projections: ~97 % of a 14B model's bytes) are quantized; norms, biases, modulation, embeddings and
 the head keep their precision. The scale is a power of two per tensor, ``2**ceil(log2(amax / fp8
@@ -26,6 +32,7 @@ It halves the block weights' memory; the weights are dequantized at use, so it s
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -48,8 +55,6 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _FP8 = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK_MATRIX = re.compile(r"^(vace_)?blocks\.\d+\..+\.weight$")
-# Keys of ComfyUI's older fp8_scaled files that carry no weights of their own
-_IGNORED = re.compile(r"(^scaled_fp8$)|(\.scale_input$)")
 _SAFETENSORS_EXT = (".safetensors", ".sft")
 
 
@@ -71,26 +76,24 @@ def fp8_quantize(w: torch.Tensor, fp8_dtype: torch.dtype) -> Tuple[torch.Tensor,
 
 
 def _decide(key: str, dtype: Optional[torch.dtype], ndim: int, target: Dict[str, torch.dtype],
-            fp8_dtype: Optional[torch.dtype], scaled: set):
+            fp8_dtype: Optional[torch.dtype]):
     """What loading does with one file tensor: ("keep", None), ("cast", dtype) or ("fp8", fp8 dtype).
     Each tensor gets the dtype ComfyUI gave the parameter it is assigned to (what a copying
-    ``load_state_dict`` would produce), except quantized bytes, fp8 weights with their own scale,
+    ``load_state_dict`` would produce), except GGUF-quantized bytes and fp8 weights (kept as stored),
     and the block matrices the fp8 option quantizes."""
-    if dtype is None or not dtype.is_floating_point or key in scaled or dtype in _FP8_DTYPES:
+    if dtype is None or not dtype.is_floating_point or dtype in _FP8_DTYPES:
         return "keep", None  # GGUF-quantized bytes, integer tensors, weights that already are fp8
-    if key.endswith(".scale_weight"):
-        return "cast", torch.float32
     if fp8_dtype is not None and ndim == 2 and _BLOCK_MATRIX.match(key):
         return "fp8", fp8_dtype
     return "cast", target.get(key, dtype)
 
 
-def _transform(target: Dict[str, torch.dtype], fp8_dtype: Optional[torch.dtype], scaled: set):
+def _transform(target: Dict[str, torch.dtype], fp8_dtype: Optional[torch.dtype]):
     """Per-tensor conversion applied while reading (one tensor at a time, so the peak stays low)."""
 
     def apply(key: str, t: torch.Tensor) -> Dict[str, torch.Tensor]:
         kind, dtype = _decide(key, None if type(t) is not torch.Tensor else t.dtype, t.ndim, target,
-                              fp8_dtype, scaled)
+                              fp8_dtype)
         if kind == "fp8":
             try:
                 q, scale = fp8_quantize(t, dtype)
@@ -105,9 +108,9 @@ def _transform(target: Dict[str, torch.dtype], fp8_dtype: Optional[torch.dtype],
     return apply
 
 
-def _loaded_bytes(e: TensorEntry, target, fp8_dtype, scaled) -> List[int]:
+def _loaded_bytes(e: TensorEntry, target, fp8_dtype) -> List[int]:
     """The bytes of the tensor(s) ``_transform`` makes from ``e`` (group buffers are sized by it)."""
-    kind, dtype = _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype, scaled)
+    kind, dtype = _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype)
     n = math.prod(e.shape)
     if kind == "keep":
         return [e.nbytes]
@@ -175,8 +178,8 @@ def _file_weight_dtype(entries: List[TensorEntry]) -> Optional[torch.dtype]:
     return dtype if dtype is not None and dtype.is_floating_point else None
 
 
-def _check_keys(path: str, expected: set, found: set) -> None:
-    allowed = {k[:-len("weight")] + "scale_weight" for k in expected if k.endswith(".weight")}
+def _check_keys(path: str, expected: set, found: set, allowed: set = frozenset()) -> None:
+    """Every key the model needs is in the file, and the file holds nothing else but ``allowed``."""
     missing = sorted(expected - found)
     unexpected = sorted(found - expected - allowed)
     if missing or unexpected:
@@ -205,12 +208,6 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
     Raises :class:`config.BlockSwapError` (a ValueError) naming the file for every bad input; nothing
     is registered with ComfyUI before the model is complete.
     """
-    import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.ops
-
-    from .quant_ops import make_ops, patcher_class
-
     path = os.fspath(path)
     if fp8_optimization not in FP8_CHOICES:
         raise BlockSwapError(f"fp8_optimization must be one of {', '.join(FP8_CHOICES)}, got {fp8_optimization!r}")
@@ -226,12 +223,38 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
     arch = metadata.get("general.architecture") if fmt == "gguf" else None
     if fmt == "gguf" and arch not in ("wan", ""):
         raise BlockSwapError(f"{path}: a GGUF file of architecture {arch!r}, not a WAN model")
-    entries = [e for e in entries if not _IGNORED.search(e.key)]
+    options = dict(model_type=model_type, wan_version=wan_version, model_variant=model_variant,
+                   fp8_optimization=fp8_optimization, weight_dtype=weight_dtype)
+    if fmt == "safetensors" and comfy_quantized(entries, metadata):
+        patcher, info, dtypes = _load_comfy_quantized(path, entries, metadata, for_swap=for_swap, **options)
+    else:
+        patcher, info, dtypes = _load_plain(path, fmt, entries, metadata, for_swap=for_swap,
+                                            host_groups=host_groups, **options)
+    # How ComfyUI rebuilds a model it must deep-copy (multi-GPU, training), as UNETLoader sets it
+    patcher.cached_patcher_init = (_reload, (path, options))
+    stored = Counter(e.stored for e in entries)
+    text = (f"{info.describe()}; {os.path.basename(path)} ({fmt}, {format_bytes(os.path.getsize(path))}; "
+            f"{', '.join(f'{n} x{c}' for n, c in stored.most_common())}); {dtypes}")
+    log.info("WAN loader: %s", text)
+    return patcher, info, text
 
-    # 2. ComfyUI's detection on storage-less stand-ins
-    meta = {e.key: e.meta() for e in entries if not e.key.endswith(".scale_weight")}
+
+def comfy_quantized(entries: List[TensorEntry], metadata: Dict[str, str]) -> bool:
+    """True for ComfyUI's quantized checkpoint forms, recognised as its own loader does: the old
+    ``scaled_fp8`` marker (fp8 matrices + ``.scale_weight``, the official repackaged fp8_scaled files),
+    the ``_quantization_metadata`` header, or inline ``.comfy_quant`` layer configs."""
+    return "_quantization_metadata" in metadata or any(
+        e.key == "scaled_fp8" or e.key.endswith(".comfy_quant") for e in entries)
+
+
+def _detect(path: str, stand_ins: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]],
+            wan_version: str, model_variant: str):
+    """ComfyUI's own detection on storage-less stand-ins: ``(model_config, info)``, or an error naming
+    the file when it is not a WAN model or contradicts the explicit choices."""
+    import comfy.model_detection
+
     try:
-        model_config = comfy.model_detection.model_config_from_unet(meta, "")
+        model_config = comfy.model_detection.model_config_from_unet(stand_ins, "", metadata=metadata)
     except (KeyError, IndexError, AttributeError, TypeError) as e:  # a WAN-like file missing a key detection reads
         raise BlockSwapError(f"{path}: ComfyUI's model detection failed ({type(e).__name__}: {e}); the file "
                              "is incomplete or not a WAN diffusion model") from e
@@ -240,19 +263,44 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
         what = f"a {image_model} model" if image_model else "no diffusion model ComfyUI recognises"
         raise BlockSwapError(f"{path}: this is {what}, not a WAN 2.1/2.2 diffusion model "
                              "(text encoders, VAEs and whole checkpoints load with other nodes).")
-    info = identify_wan(model_config.unet_config, "img_emb.proj.0.bias" in meta)
+    info = identify_wan(model_config.unet_config, "img_emb.proj.0.bias" in stand_ins)
     check_wan_choice(info, wan_version, model_variant, path)
+    return model_config, info
+
+
+def _structure(model_config, stand_ins, unet_dtype, manual_cast, load_device):
+    """The model ComfyUI detected, built with its operations for these dtypes but with every Linear
+    weight on ``meta`` (``quant_ops``): nothing big is allocated yet."""
+    import comfy.ops
+
+    from .quant_ops import make_ops
+
+    model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+    model_config.custom_operations = make_ops(comfy.ops.pick_operations(unet_dtype, manual_cast,
+                                                                        load_device=load_device))
+    return model_config.get_model(stand_ins, "")
+
+
+def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_variant, fp8_optimization,
+                weight_dtype, for_swap, host_groups):
+    """fp16/bf16/fp32/fp8 safetensors and GGUF files: read into memory this process owns, converted
+    per tensor as the model's dtypes (and the fp8 option) ask, assigned without a second copy."""
+    import comfy.model_management as mm
+
+    from .quant_ops import patcher_class
+
+    # 2. ComfyUI's detection on storage-less stand-ins
+    meta = {e.key: e.meta() for e in entries}
+    model_config, info = _detect(path, meta, metadata if fmt == "safetensors" else None, wan_version, model_variant)
 
     # 3. dtypes, operations, the model with its weights still unallocated
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
     supported = list(model_config.supported_inference_dtypes)
     params = sum(math.prod(e.shape) for e in entries)
-    scaled = {e.key[:-len("scale_weight")] + "weight" for e in entries if e.key.endswith(".scale_weight")}
     if weight_dtype == "auto":
-        # fp8 files with scales compute in a float dtype, as ComfyUI does for its quantized files
         unet_dtype = mm.unet_dtype(model_params=params, supported_dtypes=supported,
-                                   weight_dtype=None if scaled else _file_weight_dtype(entries))
+                                   weight_dtype=_file_weight_dtype(entries))
     else:
         unet_dtype = _DTYPES[weight_dtype]
     manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
@@ -260,10 +308,7 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
     fp8_dtype = _FP8.get(fp8_optimization)
     for dtype in {unet_dtype, fp8_dtype} - {None}:
         _probe_dtype(load_device, dtype, compute)
-    model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
-    model_config.custom_operations = make_ops(comfy.ops.pick_operations(unet_dtype, manual_cast,
-                                                                        load_device=load_device))
-    model = model_config.get_model(meta, "")
+    model = _structure(model_config, meta, unet_dtype, manual_cast, load_device)
     target = {k: t.dtype for k, t in model.diffusion_model.state_dict().items()}
     _check_keys(path, set(target), {e.key for e in entries})
 
@@ -282,13 +327,13 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
             unit = unit_of(e.key)
             if unit is not None:
                 group_bytes[unit] = group_bytes.get(unit, 0) + sum(
-                    arena_offset(n) for n in _loaded_bytes(e, target, fp8_dtype, scaled))
+                    arena_offset(n) for n in _loaded_bytes(e, target, fp8_dtype))
 
     def unchanged(e: TensorEntry) -> bool:  # _transform hands the tensor back as read
-        return _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype, scaled) in (("keep", None), ("cast", e.dtype))
+        return _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype) in (("keep", None), ("cast", e.dtype))
 
     try:
-        sd = read_weights(path, entries, _transform(target, fp8_dtype, scaled), group_of=group_of,
+        sd = read_weights(path, entries, _transform(target, fp8_dtype), group_of=group_of,
                           group_bytes=group_bytes, unchanged=unchanged)
     except WeightFileError as e:
         raise BlockSwapError(str(e)) from e
@@ -305,19 +350,69 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
 
     # 5. the patcher
     patcher = patcher_class()(model, load_device=load_device, offload_device=offload_device)
-    # How ComfyUI rebuilds a model it must deep-copy (multi-GPU, training), as UNETLoader sets it
-    patcher.cached_patcher_init = (_reload, (path, dict(model_type=model_type, wan_version=wan_version,
-                                                        model_variant=model_variant, fp8_optimization=fp8_optimization,
-                                                        weight_dtype=weight_dtype)))
     if not for_swap and offload_device.type != "cpu":
         model.to(offload_device)  # what ComfyUI's own loader does under --highvram / --gpu-only
-    stored = Counter(e.stored for e in entries)
-    text = (f"{info.describe()}; {os.path.basename(path)} ({fmt}, {format_bytes(os.path.getsize(path))}; "
-            f"{', '.join(f'{n} x{c}' for n, c in stored.most_common())}); weights {_dtype_name(unet_dtype)}"
-            + (f", block matrices fp8 {fp8_optimization} (per-tensor scale)" if fp8_dtype else "")
-            + (f", computed in {_dtype_name(manual_cast)}" if manual_cast else ""))
-    log.info("WAN loader: %s", text)
-    return patcher, info, text
+    dtypes = (f"weights {_dtype_name(unet_dtype)}"
+              + (f", block matrices fp8 {fp8_optimization} (per-tensor scale)" if fp8_dtype else "")
+              + (f", computed in {_dtype_name(manual_cast)}" if manual_cast else ""))
+    return patcher, info, dtypes
+
+
+# Per-layer tensors of ComfyUI's quantized forms besides the weight (after its conversion of the old form)
+_QUANT_EXTRAS = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant")
+
+
+def _load_comfy_quantized(path, entries, metadata, *, model_type, wan_version, model_variant, fp8_optimization,
+                          weight_dtype, for_swap):
+    """ComfyUI's quantized files (fp8_scaled in all three forms, NVFP4, MXFP8, INT8...): checked and
+    identified like the others before anything big is read, then read into owned memory and built by
+    ComfyUI's own loading function, so the layers are exactly UNETLoader's (QuantizedTensor weights,
+    mixed-precision operations), on a classic patcher that block swap can stream even with Dynamic
+    VRAM on."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+
+    if fp8_optimization != "disabled":
+        raise BlockSwapError(f"{path} is already quantized (ComfyUI's fp8_scaled / mixed-precision format): "
+                             "set fp8_optimization to disabled for it.")
+    # ComfyUI's conversion reads the values of a few tiny tensors (the marker, input scales, layer
+    # configs); the rest stays storage-less until the key check passed.
+    small = [e for e in entries if e.key == "scaled_fp8" or e.key.endswith((".scale_input", ".comfy_quant"))]
+    try:
+        values = read_weights(path, small)
+    except WeightFileError as e:
+        raise BlockSwapError(str(e)) from e
+    stand_ins, _ = comfy.utils.convert_old_quants({e.key: values.get(e.key, e.meta()) for e in entries}, "",
+                                                  metadata=dict(metadata))
+    model_config, info = _detect(path, stand_ins, metadata, wan_version, model_variant)
+    load_device = mm.get_torch_device()
+    if weight_dtype != "auto":
+        _probe_dtype(load_device, _DTYPES[weight_dtype], _DTYPES[weight_dtype])
+    # the plain structure names every weight the file must hold; quantized layers add their scales
+    expected = set(_structure(model_config, stand_ins, torch.float32, None, load_device)
+                   .diffusion_model.state_dict())
+    extras = {k[:-len("weight")] + x for k in expected if k.endswith(".weight") for x in _QUANT_EXTRAS}
+    _check_keys(path, expected, set(stand_ins), allowed=extras)
+    try:
+        sd = read_weights(path, entries)
+    except WeightFileError as e:
+        raise BlockSwapError(str(e)) from e
+    model_options = {} if weight_dtype == "auto" else {"dtype": _DTYPES[weight_dtype]}
+    if for_swap:
+        model_options["offload_device"] = torch.device("cpu")  # the streamed blocks' masters live in RAM
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=dict(metadata),
+                                                       disable_dynamic=True)
+    if patcher is None:  # cannot happen after _detect: the same detection on the same keys
+        raise BlockSwapError(f"{path}: ComfyUI could not build the model it detected")
+    model = patcher.model
+    formats = Counter(json.loads(bytes(t.tolist()).decode()).get("format", "?")
+                      for k, t in stand_ins.items() if k.endswith(".comfy_quant"))
+    cast = getattr(model, "manual_cast_dtype", None)
+    dtypes = (f"quantized layers {', '.join(f'{f} x{c}' for f, c in formats.most_common())} (ComfyUI's "
+              f"mixed precision), other weights {_dtype_name(model.get_dtype())}"
+              + (f", computed in {_dtype_name(cast)}" if cast else ""))
+    return patcher, info, dtypes
 
 
 def _reload(path, options: dict, disable_dynamic: bool = False):

@@ -1,4 +1,5 @@
-"""Layers and a model patcher for the pack's loaders: GGUF-quantized and fp8-scaled Linear weights.
+"""Layers and a model patcher for the pack's loaders: GGUF-quantized weights and the fp8 option's
+per-tensor-scaled weights (ComfyUI's own quantized files load through ComfyUI's layers instead).
 
 ComfyUI glue (imports ComfyUI inside functions only; importing this module does nothing).
 
@@ -7,7 +8,7 @@ ComfyUI glue (imports ComfyUI inside functions only; importing this module does 
   - allocates its weight on the ``meta`` device (the loader assigns the file's tensors, so a 14B model
     is never allocated twice, not even as untouched virtual memory);
   - takes the file's tensors as they are (``assign``): a :class:`GGUFTensor` keeps its quantized bytes,
-    an fp8 weight keeps its ``scale_weight``;
+    an fp8 weight made by the loader's ``fp8_optimization`` keeps its ``scale_weight``;
   - for those two, builds the real weight on the input's device and in its dtype at each call
     (GGUF: dequantize, then the LoRA patches attached to it; fp8: weight x per-tensor scale), then
     ComfyUI's lowvram ``weight_function`` patches; plain weights take ComfyUI's own path unchanged.

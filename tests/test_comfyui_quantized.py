@@ -66,7 +66,7 @@ def write_form(path, form, seed=0):
             w = sd[f"{layer}.weight"].float()
             scale = w.abs().max() / torch.finfo(torch.float8_e4m3fn).max
             sd[f"{layer}.weight"] = (w / scale).to(torch.float8_e4m3fn)
-            sd[f"{layer}.scale_weight"] = scale.reshape(())
+            sd[f"{layer}.scale_weight"] = scale.reshape(1)  # one element, as in the official files
             formats[layer] = "float8_e4m3fn"
         # two elements in the marker: "full_precision_matrix_mult" (dequantize, multiply in full precision)
         sd["scaled_fp8"] = torch.zeros(2 if form.endswith("_mm") else 0, dtype=torch.float8_e4m3fn)
@@ -180,3 +180,32 @@ def test_stored_bytes_of_quantized_blocks_are_the_files(tmp_path):
     plan = auto_blocks_for(dm, "16 GB / 480p", None)  # a tiny model fits: everything resident
     other = sum(tensor_bytes(p) for n, p in dm.named_parameters() if not n.startswith("blocks."))
     assert plan.blocks_to_swap == 0 and plan.resident_bytes == other + sum(packed_bytes(b) for b in blocks)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_the_pack_loaders_read_every_form_as_unetloader_does(tmp_path, monkeypatch, form):
+    import folder_paths
+
+    from wan22_blockswap.nodes import WAN22BlockSwapLoader, WANModelLoader
+
+    exts = folder_paths.folder_names_and_paths["diffusion_models"][1]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "diffusion_models", ([str(tmp_path)], exts))
+    name = f"tiny_{form}.safetensors"
+    formats = write_form(tmp_path / name, form)
+    reference = sample(comfy.sd.load_diffusion_model(str(tmp_path / name)))
+    mm.unload_all_models()
+    args = dict(wan_version="auto", model_variant="auto", fp8_optimization="disabled", weight_dtype="auto")
+    (model,) = WANModelLoader().load("safetensors", name, "none", **args)
+    assert not model.is_dynamic()  # a classic patcher: block swap works on it with Dynamic VRAM on
+    layouts = {p._layout_cls for p in model.model.diffusion_model.parameters() if isinstance(p, QuantizedTensor)}
+    assert layouts == {QUANT_ALGOS[f]["comfy_tensor_layout"] for f in formats.values()}
+    assert torch.equal(sample(model), reference)
+    assert torch.equal(sample(swap(model, 5)), reference)
+    (swapped,) = WAN22BlockSwapLoader().load(
+        "safetensors", name, "none", **args, blocks_to_swap=5, offload_txt_emb=False, offload_img_emb=False,
+        use_non_blocking=True, vace_blocks_to_swap=0, prefetch_blocks=1, block_swap_debug=False, unique_id="3")
+    engine = _ENGINES[swapped.model.diffusion_model]
+    assert engine.plan.block_indices == (3, 4, 5, 6, 7) and engine.tracker.host_bytes > 0  # packed at load
+    assert torch.equal(sample(swapped), reference)
+    with pytest.raises(ValueError, match="already quantized"):
+        WANModelLoader().load("safetensors", name, "none", **dict(args, fp8_optimization="e4m3fn"))

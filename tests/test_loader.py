@@ -316,28 +316,6 @@ def test_blockswap_loader_packs_masters_at_load(model_dir, fmt):
     assert sample(swapped).equal(sample(plain))
 
 
-def test_older_fp8_scaled_files_load_and_stream(tmp_path):
-    """ComfyUI's older fp8_scaled format (fp8 weights + a ``scale_weight`` per matrix + a
-    ``scaled_fp8`` marker): read as stored and dequantized at use, swap identical to resident."""
-    sd = tiny_sd()
-    scaled = {}
-    for k, v in sd.items():
-        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
-            scale = v.abs().max() / 448.0  # not a power of two: as real files have
-            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
-            scaled[k[:-6] + "scale_weight"] = scale.reshape(1).float()
-        else:
-            scaled[k] = v
-    scaled["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
-    model, _, _ = load_wan_model(write_st(tmp_path, scaled))
-    q = model.model.diffusion_model.blocks[0].self_attn.q
-    assert q.weight.dtype == torch.float8_e4m3fn and q.scale_weight is not None
-    dequant = {k: (v.float() * scaled[k[:-6] + "scale_weight"]) if v.dtype == torch.float8_e4m3fn and k != "scaled_fp8" else v
-               for k, v in scaled.items() if not k.endswith("scale_weight") and k != "scaled_fp8"}
-    assert torch.allclose(forward(model), forward(reference(dequant)), rtol=1e-4, atol=1e-5)
-    assert sample(swap(model, 5)).equal(sample(model))
-
-
 def test_blockswap_loader_fp8_reads_into_adopted_masters(model_dir):
     from wan22_blockswap.nodes import WAN22BlockSwapLoader, WANModelLoader
 
