@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import BlockSwapError, SwapPlan, SwapSettings, detect_layout, leaf_tensors, plan_swap, tensor_bytes
+from .cuda_runtime import CudaRuntime
 from .utils import as_device, format_bytes, get_logger, host_available_bytes
 
 log = get_logger("engine")
@@ -260,7 +261,7 @@ class BlockSwapEngine:
 
     def __init__(self, model: nn.Module, plan: SwapPlan, compute_device, offload_device="cpu", *,
                  unit_modules: Optional[Mapping[str, nn.Module]] = None, timing: bool = True,
-                 host_available: Optional[int] = None):
+                 host_available: Optional[int] = None, runtime=None):
         # Weak: an integration may key a registry by the model; a strong reference would keep it alive.
         self._model_ref = weakref.ref(model)
         self.plan = plan
@@ -275,8 +276,10 @@ class BlockSwapEngine:
         modules = dict(unit_modules or {})
         self._units = [_Unit(i, name, modules.get(name) or model.get_submodule(name))
                        for i, name in enumerate(plan.units)]
-        self._cuda = self.compute_device.type == "cuda"
-        self._async = self._cuda and self.settings.use_non_blocking
+        # The CUDA calls (streams, events, page-locking) go through a runtime object; tests pass a
+        # recording one to run the asynchronous path on a CPU. None: the synchronous CPU path.
+        self._rt = runtime if runtime is not None else (CudaRuntime() if self.compute_device.type == "cuda" else None)
+        self._async = self._rt is not None and self.settings.use_non_blocking
         self._slots: List[torch.Tensor] = []
         self._slot_owner: List[Optional[int]] = []
         self._slot_last_use: List[int] = []
@@ -289,6 +292,7 @@ class BlockSwapEngine:
         self._trace: List[int] = []
         self._pos = 0
         self._bound: Set[_Unit] = set()  # units whose parameters point into a slot right now
+        self._deferred: Optional[Tuple[List[int], Set[int]]] = None  # pageable prefetches for after_unit
         self._in_forward = False
         self._release_pending = False
         self._hooks: List = []
@@ -304,7 +308,7 @@ class BlockSwapEngine:
         # Registered host memory must be unregistered before it is freed, even if this engine is
         # dropped without a teardown (a model garbage-collected in ComfyUI): the finalizer does it.
         self._pinned_ptrs: Dict[int, int] = {}
-        self._finalizer = weakref.finalize(self, _unregister_all, self._pinned_ptrs)
+        self._finalizer = weakref.finalize(self, _unregister_all, self._pinned_ptrs, self._rt)
 
     @property
     def model(self) -> Optional[nn.Module]:
@@ -424,11 +428,11 @@ class BlockSwapEngine:
         self._is_setup = self._packed = False
 
     def _sync(self) -> None:
-        """Wait for in-flight copies and for kernels still reading slots (never in the steady state:
-        only before the ring or the masters are released)."""
-        if self._cuda and self._copy_stream is not None:
-            self._copy_stream.synchronize()
-            torch.cuda.current_stream(self.compute_device).synchronize()
+        """Wait for in-flight copies and for kernels still reading slots, on every stream of the
+        device: the forward may have run on any of them (never in the steady state: only before the
+        ring or the masters are released)."""
+        if self._rt is not None and (self._slots or self._pending_timings):
+            self._rt.synchronize(self.compute_device)
             self._drain_timings()
 
     def _refresh(self) -> None:
@@ -470,7 +474,9 @@ class BlockSwapEngine:
 
     def _update_host_bytes(self) -> None:
         t = self.tracker
-        t.host_bytes = sum(u.nbytes for u in self._units if u.master is not None)
+        # Bytes the masters take: whole pages where they are laid out to be page-locked, so that with
+        # every master pinned, host_bytes == pinned_bytes (registrations cover whole pages).
+        t.host_bytes = sum(_page_span(u.master) for u in self._units if u.master is not None)
         t.pinned_bytes = sum(self._pinned_ptrs.values())
 
     def attach_hooks(self, bracket_forwards: bool = True) -> None:
@@ -505,6 +511,7 @@ class BlockSwapEngine:
     # ------------------------------------------------------------------ schedule
     def begin_forward(self) -> None:
         self._in_forward = True
+        self._deferred = None
         self._evict_bound()
         self._trace.clear()
         self._pos = 0
@@ -556,15 +563,24 @@ class BlockSwapEngine:
         self._wait_copy(u, was_slotted)
         fresh = not u.used_since_copy
         self._bind_slot(u)
+        # Prefetch before the slot transform, so the copies run while it computes. A pageable master
+        # makes the host wait for its copy: that one is issued in after_unit, once this unit's
+        # kernels are queued and the GPU has work while the host waits.
+        deferred = []
+        for v in upcoming:
+            w = self._units[v]
+            if w.slot is None:
+                if self._async and not w.pinned:
+                    deferred.append(v)
+                else:
+                    self._fetch(w, protect)
+        self._deferred = (deferred, protect) if deferred else None
         if fresh and self.slot_transform is not None:
             try:
                 self.slot_transform(u.name)
             except BaseException:
                 self._drop_slot(u)  # half-patched: never reuse it
                 raise
-        for v in upcoming:
-            if self._units[v].slot is None:
-                self._fetch(self._units[v], protect)
         self.tracker.hook_seconds += time.perf_counter() - t0
 
     def after_unit(self, index: int) -> None:
@@ -573,8 +589,14 @@ class BlockSwapEngine:
         u = self._units[index]
         if u.bound:
             if self._async:
-                self._free_ev[u.slot].record(torch.cuda.current_stream(self.compute_device))
+                self._free_ev[u.slot].record(self._rt.current_stream(self.compute_device))
             self._bind_host(u)
+        if self._deferred is not None:
+            deferred, protect = self._deferred
+            self._deferred = None
+            for v in deferred:
+                if self._units[v].slot is None:
+                    self._fetch(self._units[v], protect)
         if self._release_pending:
             self._release_if_pending()
         self.tracker.hook_seconds += time.perf_counter() - t0
@@ -587,7 +609,7 @@ class BlockSwapEngine:
         """Take ``u`` out of its slot; the slot is free once the work issued so far is done."""
         k = u.slot
         if self._async:
-            self._free_ev[k].record(torch.cuda.current_stream(self.compute_device))
+            self._free_ev[k].record(self._rt.current_stream(self.compute_device))
         if u.bound:
             self._bind_host(u)
         u.slot, u.used_since_copy = None, False
@@ -632,12 +654,12 @@ class BlockSwapEngine:
         if self._async:
             cs = self._copy_stream
             cs.wait_event(self._free_ev[k])  # the slot's previous user has finished reading it
-            with torch.cuda.stream(cs):
-                start = self._timing_event(cs)
-                dst.copy_(u.master, non_blocking=u.pinned)
-                self._copy_ev[k].record(cs)
-                if start is not None:
-                    self._add_timing("copy", u.name, start, self._timing_event(cs))
+            start = self._timing_event(cs)
+            # pinned: asynchronous; pageable: the host waits for it (see before_unit for when)
+            self._rt.copy(dst, u.master, cs, non_blocking=u.pinned)
+            self._copy_ev[k].record(cs)
+            if start is not None:
+                self._add_timing("copy", u.name, start, self._timing_event(cs))
         else:
             c0 = time.perf_counter()
             dst.copy_(u.master)
@@ -670,7 +692,7 @@ class BlockSwapEngine:
                 t.stalls += 1
             return
         ev = self._copy_ev[u.slot]
-        stream = torch.cuda.current_stream(self.compute_device)
+        stream = self._rt.current_stream(self.compute_device)
         # The host runs ahead of the GPU, so whether the copy is done *now* says nothing about a
         # stall; the timed wait, read later, does. Without timing a prefetched unit counts as a hit.
         start = self._timing_event(stream) if was_slotted else None
@@ -856,7 +878,7 @@ class BlockSwapEngine:
         ptr = master.data_ptr()
         size = self._pinned_ptrs.pop(ptr, None)
         if size is not None:
-            torch.cuda.cudart().cudaHostUnregister(ptr)
+            _unregister(self._rt, ptr, size)
             self.tracker.pinned_bytes -= size
 
     def _pin(self, master: torch.Tensor) -> bool:
@@ -868,11 +890,10 @@ class BlockSwapEngine:
         if budget is not None and t.pinned_bytes + master.numel() > budget:
             self._pageable(f"pin budget of {format_bytes(budget)} reached")
             return False
-        # flag 1 = cudaHostRegisterPortable: pinned for every CUDA context, as ComfyUI registers too
-        rc = torch.cuda.cudart().cudaHostRegister(master.data_ptr(), master.numel(), 1)
-        if int(rc) != 0:
-            _discard_cuda_error()
-            self._pageable(f"cudaHostRegister failed with CUDA error {int(rc)}")
+        rc = self._rt.host_register(master.data_ptr(), master.numel())
+        if rc != 0:
+            self._rt.clear_error()
+            self._pageable(f"cudaHostRegister failed with CUDA error {rc}")
             return False
         t.pinned_bytes += master.numel()
         self._pinned_ptrs[master.data_ptr()] = master.numel()
@@ -908,9 +929,10 @@ class BlockSwapEngine:
         self.tracker.slot_owner = [None] * k
         self.tracker.slot_bytes = size
         if self._async:
-            self._copy_stream = torch.cuda.Stream(self.compute_device)
-            self._copy_ev = [torch.cuda.Event() for _ in range(k)]
-            self._free_ev = [torch.cuda.Event() for _ in range(k)]
+            if self._copy_stream is None:  # one per engine: a ring comes back on every expert switch
+                self._copy_stream = self._rt.new_stream(self.compute_device)
+            self._copy_ev = [self._rt.new_event() for _ in range(k)]
+            self._free_ev = [self._rt.new_event() for _ in range(k)]
 
     def _free_ring(self) -> None:
         if self.shared_ring is not None:
@@ -928,9 +950,9 @@ class BlockSwapEngine:
 
     def _forget_ring(self) -> None:
         self._slots = []
+        self._deferred = None
         self._slot_owner, self._slot_last_use = [], []
         self._copy_ev, self._free_ev = [], []
-        self._copy_stream = None
         self.tracker.slot_owner = []
         self._bound.clear()
         for u in self._units:
@@ -961,7 +983,7 @@ class BlockSwapEngine:
     def _timing_event(self, stream):
         if not self.timing:
             return None
-        ev = torch.cuda.Event(enable_timing=True)
+        ev = self._rt.new_event(timing=True)
         ev.record(stream)
         return ev
 
@@ -1033,21 +1055,32 @@ class SharedRing:
             self._buffers = []
 
 
-def _discard_cuda_error() -> None:
-    """A failed cudaHostRegister leaves the CUDA runtime's last error set, and torch's next kernel
-    launch check would report it in unrelated code: read it off once, here."""
-    try:
-        torch.cuda.synchronize()
-        torch.zeros(1, device="cuda").add_(1)
-        torch.cuda.synchronize()
-    except RuntimeError as err:  # the stale error surfaces here, where we expect it
-        log.debug("block swap: cleared a CUDA error left by a failed registration: %s", err)
+def _page_span(master: torch.Tensor) -> int:
+    """Host bytes a master occupies: whole pages when it starts a page-aligned buffer that spans them
+    (:func:`host_arena`, what pinned masters and loader arenas are), its own bytes otherwise."""
+    n = master.numel()
+    storage = master.untyped_storage()
+    rounded = (n + PAGE - 1) // PAGE * PAGE
+    aligned = master.data_ptr() % PAGE == 0
+    if aligned and storage.data_ptr() + storage.nbytes() >= master.data_ptr() + rounded:
+        return rounded
+    return n
 
 
-def _unregister_all(pinned: Dict[int, int]) -> None:
+def _unregister(rt, ptr: int, size: int) -> None:
+    """Unpin one master; a failure is logged and its sticky CUDA error cleared here, not left to
+    surface in unrelated code later."""
+    rc = rt.host_unregister(ptr)
+    if rc != 0:
+        rt.clear_error()
+        log.warning("block swap: cudaHostUnregister of a %s host copy failed with CUDA error %d; the "
+                    "memory is released anyway", format_bytes(size), rc)
+
+
+def _unregister_all(pinned: Dict[int, int], rt) -> None:
     """Finalizer: unpin whatever an engine still has registered when it is garbage-collected."""
-    for ptr in list(pinned):
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+    for ptr, size in list(pinned.items()):
+        _unregister(rt, ptr, size)
     pinned.clear()
 
 

@@ -52,7 +52,7 @@ from torch import nn
 
 from .block_manager import BlockSwapEngine, SharedRing, check_streamable, packed_bytes
 from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
-from .utils import (VRAM_LIMIT, __version__, device_name, device_total_memory, format_bytes, get_logger,
+from .utils import (VRAM_LIMIT, __version__, as_device, device_name, device_total_memory, format_bytes, get_logger,
                     host_available_bytes, host_ram_message, pin_budget_message, trace_directory,
                     vram_message, write_trace)
 
@@ -177,8 +177,10 @@ class SwapController:
         offload = patcher.offload_device if patcher.offload_device.type == "cpu" else torch.device("cpu")
         engine = _ENGINES.get(model)
         if engine is not None and (engine.plan.units != self.plan.units or engine.plan.slots != self.plan.slots
-                                   or engine.settings.use_non_blocking != self.plan.settings.use_non_blocking or engine.compute_device.type != device.type):
-            # Another BlockSwap node with other settings used these weights last.
+                                   or engine.settings.use_non_blocking != self.plan.settings.use_non_blocking
+                                   or engine.compute_device != as_device(device)):
+            # Another BlockSwap node with other settings used these weights last, or another device
+            # (cuda:0 -> cuda:1 must not keep a ring on the old GPU).
             engine.teardown(device=offload)
             engine = None
         if engine is None:

@@ -47,7 +47,10 @@ def test_cuda_outputs_equal_resident_and_weights_are_pinned(dtype):
     torch.cuda.synchronize()
     t = engine.tracker
     assert all(torch.equal(a, b) for a, b in zip(reference, outs))
+    # Both count whole pages: every master is laid out on page boundaries to be page-locked at its
+    # exact (page-rounded) size, so with all of them pinned the two figures are the same bytes.
     assert t.pinned_bytes == t.host_bytes > 0 and t.pageable_reason == ""
+    assert t.host_bytes == sum(-(-u.nbytes // 4096) * 4096 for u in engine._units)
     assert t.d2h_bytes == 0 and t.setup_d2h_bytes == 0
     assert sum(t.copy_ms.values()) > 0  # CUDA events measured the copies
     engine.teardown()

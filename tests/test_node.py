@@ -287,3 +287,21 @@ def test_hook_lora_on_streamed_blocks_is_refused_clearly():
     swapped.hook_patches = {"hook": {"diffusion_model.blocks.7.ffn.0.weight": [("diff", None)]}}
     with pytest.raises(ValueError, match="hook-based LoRA .* LoraLoaderModelOnly"):
         sample(swapped)
+
+
+def test_an_engine_is_not_reused_on_another_gpu():
+    """cuda:0 -> cuda:1 (a model moved to another card) must not keep a ring on the old GPU: the
+    engine is keyed by the full device, not its type (built only, nothing runs on a GPU here)."""
+    import copy
+
+    model = load()
+    swapped = swap(model, 4)
+    controller = next(v for v in swapped.object_patches.values() if isinstance(v, StreamedUnit))._controller
+    first = copy.copy(swapped)
+    first.load_device = torch.device("cuda", 0)
+    second = copy.copy(swapped)
+    second.load_device = torch.device("cuda", 1)
+    e0 = controller._engine_for(first)
+    assert controller._engine_for(first) is e0
+    e1 = controller._engine_for(second)
+    assert e1 is not e0 and e1.compute_device == torch.device("cuda", 1)
