@@ -44,6 +44,7 @@ ALIGN = 256  # bytes; keeps every view aligned for any dtype and for vectorised 
 PAGE = 4096  # host page: pinned masters start and end on page boundaries
 MAX_PENDING_TIMINGS = 4096  # CUDA timing events waiting to be read; older ones are dropped
 STALL_THRESHOLD_MS = 0.05  # a measured wait longer than this counts as a stall
+_REPACK = object()  # a slot-transform tag no caller uses
 
 
 def _align(n: int) -> int:
@@ -144,6 +145,21 @@ class _Unit:
         self.slot: Optional[int] = None  # slot holding a copy of this unit's weights
         self.bound = False  # parameters currently point into ``slot``
         self.used_since_copy = False  # the slot's copy already served a run: a reuse, not a prefetch
+        # Extras: tensors the slot transform needs (a LoRA's factors), packed in a host buffer of their
+        # own and copied into the slot right after the weights, so they travel with the block.
+        self.extras: Optional[torch.Tensor] = None
+        self.extras_parts: List[Tuple[int, int, torch.dtype, Tuple[int, ...]]] = []  # offset, bytes, dtype, size
+        self.extras_pinned = False
+        self.extras_views: Dict[int, List[torch.Tensor]] = {}  # per slot
+
+    @property
+    def footprint(self) -> int:
+        """Slot bytes the unit needs: its weights, then its extras."""
+        return _align(self.nbytes) + (self.extras.numel() if self.extras is not None else 0)
+
+    @property
+    def all_pinned(self) -> bool:
+        return self.pinned and (self.extras is None or self.extras_pinned)
 
 
 @dataclass
@@ -407,12 +423,57 @@ class BlockSwapEngine:
             if owner is not None:
                 self._drop_slot(self._units[owner])
 
-    def set_slot_transform(self, fn: Optional[Callable[[str], None]], tag=None) -> None:
+    def set_slot_transform(self, fn: Optional[Callable[[str], None]], tag=None,
+                           extras: Optional[Mapping[str, Sequence[torch.Tensor]]] = None) -> None:
         """Install the slot transform; a different ``tag`` (e.g. another LoRA set) drops what the
-        slots hold, since it was transformed for the old one."""
+        slots hold, since it was transformed for the old one. ``extras``: per unit name, tensors the
+        transform reads (LoRA factors); they are packed once per tag into a host buffer per unit
+        (pinned like the masters) and copied into the slot with the unit's weights, where the
+        transform finds them with :meth:`slot_extras`."""
         if tag != self._slot_tag:
             self.invalidate_slots()
+            self._pack_extras(extras or {})
+            if self._slots and max(u.footprint for u in self._units) > self.tracker.slot_bytes:
+                self._sync()
+                self._evict_bound()
+                self._free_ring()  # too small for weights + extras: the next unit brings a larger one
         self.slot_transform, self._slot_tag = fn, tag
+
+    def slot_extras(self, unit_name: str) -> List[torch.Tensor]:
+        """The unit's extras as they sit in its slot now (device tensors, in the order given)."""
+        u = self._units[self._index_of(unit_name)]
+        k = u.slot
+        views = u.extras_views.get(k)
+        if views is None:
+            base = _align(u.nbytes)
+            views = u.extras_views[k] = [self._slots[k][base + o:base + o + n].view(dt).view(size)
+                                         for o, n, dt, size in u.extras_parts]
+        return views
+
+    def _index_of(self, unit_name: str) -> int:
+        return self.plan.units.index(unit_name)
+
+    def _pack_extras(self, extras: Mapping[str, Sequence[torch.Tensor]]) -> None:
+        for u in self._units:
+            self._drop_extras(u)
+            tensors = list(extras.get(u.name, ()))
+            if not tensors:
+                continue
+            parts, offset = [], 0
+            for t in tensors:
+                parts.append((offset, tensor_bytes(t), t.dtype, tuple(t.shape)))
+                offset += _align(parts[-1][1])
+            buf = self._host_buffer(offset)
+            for (o, n, dt, size), t in zip(parts, tensors):
+                buf[o:o + n].view(dt).view(size).copy_(t)
+            u.extras, u.extras_parts = buf, parts
+            u.extras_pinned = buf.data_ptr() in self._pinned_ptrs
+        self._update_host_bytes()
+
+    def _drop_extras(self, u: _Unit) -> None:
+        if u.extras is not None and u.extras_pinned:
+            self._unpin_buffer(u.extras)
+        u.extras, u.extras_parts, u.extras_pinned, u.extras_views = None, [], False, {}
 
     def teardown(self, device=None) -> None:
         """Undo :meth:`setup`: every parameter gets its own storage again, with the same values, on
@@ -422,6 +483,9 @@ class BlockSwapEngine:
         self.detach_hooks()
         self._sync()
         self._restore_units(None if device is None else as_device(device))
+        for u in self._units:
+            self._drop_extras(u)
+        self._slot_tag = _REPACK  # a later set_slot_transform packs its extras again, whatever its tag
         self._free_ring()
         self.tracker.location.clear()
         self.tracker.host_bytes = self.tracker.pinned_bytes = 0
@@ -449,7 +513,7 @@ class BlockSwapEngine:
             for u in stale:
                 self._unpin(u)  # the old buffer may still be referenced elsewhere: just unpin it
                 self._pack(u)
-        if not self._slots or max(u.nbytes for u in self._units) > self.tracker.slot_bytes:
+        if not self._slots or max(u.footprint for u in self._units) > self.tracker.slot_bytes:
             self._free_ring()
             self._alloc_ring()
 
@@ -476,7 +540,7 @@ class BlockSwapEngine:
         t = self.tracker
         # Bytes the masters take: whole pages where they are laid out to be page-locked, so that with
         # every master pinned, host_bytes == pinned_bytes (registrations cover whole pages).
-        t.host_bytes = sum(_page_span(u.master) for u in self._units if u.master is not None)
+        t.host_bytes = sum(_page_span(b) for u in self._units for b in (u.master, u.extras) if b is not None)
         t.pinned_bytes = sum(self._pinned_ptrs.values())
 
     def attach_hooks(self, bracket_forwards: bool = True) -> None:
@@ -570,7 +634,7 @@ class BlockSwapEngine:
         for v in upcoming:
             w = self._units[v]
             if w.slot is None:
-                if self._async and not w.pinned:
+                if self._async and not w.all_pinned:
                     deferred.append(v)
                 else:
                     self._fetch(w, protect)
@@ -649,26 +713,33 @@ class BlockSwapEngine:
         self._slot_owner[k] = u.index
         self.tracker.slot_owner[k] = u.name
         u.slot, u.used_since_copy = k, False
-        dst = self._slots[k][: u.nbytes]
+        slot = self._slots[k]
+        # the weights, then the extras right after them (a LoRA's factors travel with the block)
+        copies = [(slot[:u.nbytes], u.master, u.pinned)]
+        if u.extras is not None:
+            base = _align(u.nbytes)
+            copies.append((slot[base:base + u.extras.numel()], u.extras, u.extras_pinned))
         t = self.tracker
         if self._async:
             cs = self._copy_stream
             cs.wait_event(self._free_ev[k])  # the slot's previous user has finished reading it
             start = self._timing_event(cs)
             # pinned: asynchronous; pageable: the host waits for it (see before_unit for when)
-            self._rt.copy(dst, u.master, cs, non_blocking=u.pinned)
+            for dst, src, pinned in copies:
+                self._rt.copy(dst, src, cs, non_blocking=pinned)
             self._copy_ev[k].record(cs)
             if start is not None:
                 self._add_timing("copy", u.name, start, self._timing_event(cs))
         else:
             c0 = time.perf_counter()
-            dst.copy_(u.master)
+            for dst, src, _ in copies:
+                dst.copy_(src)
             dt = time.perf_counter() - c0
             t.copy_seconds += dt
             t.copy_ms[u.name] = t.copy_ms.get(u.name, 0.0) + dt * 1e3
         t.copies += 1
         t.unit_copies[u.name] = t.unit_copies.get(u.name, 0) + 1
-        t.h2d_bytes += u.nbytes
+        t.h2d_bytes += sum(src.numel() for _, src, _ in copies)
 
     def _pick_slot(self, protect: Set[int]) -> int:
         best = None
@@ -918,7 +989,7 @@ class BlockSwapEngine:
 
     def _alloc_ring(self) -> None:
         k = self.plan.slots
-        size = max((u.nbytes for u in self._units), default=0)
+        size = max((u.footprint for u in self._units), default=0)
         if self.shared_ring is not None:
             self._slots = self.shared_ring.take(self, k, size, self.compute_device)
             size = self.tracker.slot_bytes = tensor_bytes(self._slots[0]) if self._slots else 0

@@ -119,7 +119,7 @@ class SwapController:
                                                for n in plan.units}
         self._index = {n: i for i, n in enumerate(plan.units)}
         self._patcher_ref = None
-        self._patch_keys: Dict[str, List[str]] = {}  # unit -> keys patched in the slot
+        self._slot_patches: Dict[str, list] = {}  # unit -> patched keys, see _set_weight_patches
         self._attached: List[str] = []  # GGUF keys whose tensors carry our attached patches
 
     # ------------------------------------------------------------------ installation
@@ -215,7 +215,8 @@ class SwapController:
 
         Quantized GGUF weights carry their patches as a ``.patches`` attribute that ComfyUI-GGUF
         applies when it dequantizes; its own ``patch_weight_to_device`` attaches them (and the
-        attribute survives our rebinding). Every other patched key is patched in the slot.
+        attribute survives our rebinding). Every other patched key is patched in the slot, from its
+        patch tensors copied there with the block (the engine's extras: :mod:`slot_patches`).
         """
         for group in getattr(patcher, "hook_patches", {}).values():
             streamed = [key for key in group if self._unit_of(key)]
@@ -235,10 +236,20 @@ class SwapController:
                 self._attached.append(key)
             else:
                 slot_keys.setdefault(unit, []).append(key)
-        self._patch_keys = slot_keys
+        from .slot_patches import patch_tensors
+
+        # per unit: (key, its patches, where its tensors start in the unit's extras, how many)
+        self._slot_patches = {}
+        extras: Dict[str, List[torch.Tensor]] = {}
+        for unit, keys in slot_keys.items():
+            tensors = extras[unit] = []
+            for key in keys:
+                found = patch_tensors(patcher.patches[key])
+                self._slot_patches.setdefault(unit, []).append((key, patcher.patches[key], len(tensors), len(found)))
+                tensors += found
         # Slots patched for another patch set (or another node) must be copied again.
         engine.set_slot_transform(self._apply_patches if slot_keys else None,
-                                  tag=(id(self), patcher.patches_uuid) if slot_keys else None)
+                                  tag=(id(self), patcher.patches_uuid) if slot_keys else None, extras=extras)
 
     def _clear_attached(self) -> None:
         """Take back the GGUF patches we attached (ComfyUI-GGUF's unpatch cannot see hidden blocks)."""
@@ -247,17 +258,18 @@ class SwapController:
         self._attached = []
 
     def _apply_patches(self, unit_name: str) -> None:
-        """Patch a block just copied into its slot, with ComfyUI's own resident-weight code path."""
-        keys = self._patch_keys.get(unit_name)
-        patcher = self._patcher()
-        if not keys or patcher is None:
+        """Patch a block just copied into its slot, from the patch tensors copied with it, computed
+        as ComfyUI patches resident weights."""
+        entries = self._slot_patches.get(unit_name)
+        patcher, engine = self._patcher(), self.engine()
+        if not entries or patcher is None or engine is None:
             return
-        from comfy.model_patcher import ModelPatcher
+        from .slot_patches import patched_weight, with_tensors
 
-        for key in keys:
-            # core's method: patcher subclasses (ComfyUI-GGUF) may lack return_weight
-            patched = ModelPatcher.patch_weight_to_device(patcher, key, device_to=patcher.load_device,
-                                                          return_weight=True)
+        on_device = engine.slot_extras(unit_name)
+        for key, patches, start, count in entries:
+            patches = with_tensors(patches, iter(on_device[start:start + count]))
+            patched = patched_weight(patcher, key, patches, patcher.load_device)
             # The parameter is bound to the slot right now. copy_, not .data.copy_: a quantized weight
             # (QuantizedTensor) then takes the requantized data *and* its new scale, both in the slot.
             with torch.no_grad():

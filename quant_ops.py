@@ -65,31 +65,56 @@ class _QuantLinear:
     def _is_special(self) -> bool:
         return isinstance(self.weight, GGUFTensor) or self.scale_weight is not None
 
-    def dequantized_weight(self, dtype: torch.dtype, device) -> torch.Tensor:
-        """The weight as a plain ``dtype`` tensor on ``device``, GGUF LoRA patches applied."""
+    def dequantized_weight(self, dtype: torch.dtype, device, stored: Optional[torch.Tensor] = None,
+                           scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight as a plain ``dtype`` tensor on ``device``, GGUF LoRA patches applied.
+        ``stored`` / ``scale``: the weight's stored bytes and fp8 scale already on ``device`` (see
+        :meth:`_bring`)."""
         w = self.weight
+        if stored is not None:
+            w = GGUFTensor.wrap(stored, w.tensor_type, w.tensor_shape) if isinstance(w, GGUFTensor) else stored
         if isinstance(w, GGUFTensor):
             out = w.dequantize(dtype, device)
-            if w.patches:
+            patches = self.weight.patches
+            if patches:
                 import comfy.lora
 
-                for patch_list, key in w.patches:
+                for patch_list, key in patches:
                     out = comfy.lora.calculate_weight(patch_list, out, key)
                 out = out.to(dtype)
             return out
         out = w.to(device=device, dtype=dtype)
         if self.scale_weight is not None:
             # power-of-two scales (our fp8 option) multiply exactly in any dtype
-            out = out * self.scale_weight.to(device=device, dtype=dtype)
+            out = out * (scale if scale is not None else self.scale_weight).to(device=device, dtype=dtype)
         return out
+
+    def _bring(self, device):
+        """``(stream, weight bytes, scale, bias)`` on ``device`` for a layer ComfyUI left on the host (a
+        partial load): the stored bytes are copied on ComfyUI's offload stream, asynchronously, as its
+        own layers' casts do, and the compute stream waits for that stream; all None for a layer
+        already on ``device``."""
+        import comfy.model_management as mm
+
+        if self.weight.device == device:
+            return None, None, None, None
+        stream = mm.get_offload_stream(device)
+        non_blocking = mm.device_supports_non_blocking(device)
+        moved = [None if t is None else mm.cast_to(t.as_subclass(torch.Tensor), None, device,
+                                                   non_blocking=non_blocking, stream=stream)
+                 for t in (self.weight, self.scale_weight, self.bias)]
+        mm.sync_stream(device, stream)
+        return (stream, *moved)
 
     def forward(self, input, *args, **kwargs):
         if not self._is_special():
             return super().forward(input, *args, **kwargs)
+        import comfy.model_management as mm
         import comfy.ops
 
         comfy.ops.run_every_op()  # ComfyUI's per-op interrupt check, as its own layers do
-        weight = self.dequantized_weight(input.dtype, input.device)
+        stream, raw, scale, bias = self._bring(input.device)
+        weight = self.dequantized_weight(input.dtype, input.device, stored=raw, scale=scale)
         attached = isinstance(self.weight, GGUFTensor) and bool(self.weight.patches)
         for fn in self.weight_function:
             # ComfyUI's partially_unload adds a LowVramPatch for a key whose LoRA the patcher had
@@ -97,12 +122,15 @@ class _QuantLinear:
             if attached and getattr(fn, "is_lowvram_patch", False):
                 continue
             weight = fn(weight)
-        bias = self.bias
+        bias = bias if bias is not None else self.bias
         if bias is not None:
             bias = bias.to(device=input.device, dtype=input.dtype)
             for fn in self.bias_function:
                 bias = fn(bias)
-        return F.linear(input, weight, bias)
+        out = F.linear(input, weight, bias)
+        if stream is not None:  # the offload stream's buffers are reused only after this layer ran
+            stream.wait_stream(mm.current_stream(input.device))
+        return out
 
     # ComfyUI's patch_weight_to_device calls these (found by name) around comfy.lora.calculate_weight
     def convert_weight(self, weight, inplace=False, **kwargs):

@@ -127,3 +127,29 @@ def test_setup_from_device_resident_model_frees_vram_and_teardown_restores():
     assert all(p.device.type == "cuda" for p in model.parameters())
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+def test_a_quantized_layer_left_on_the_host_is_cast_on_comfyuis_offload_stream():
+    """A GGUF / fp8-option layer that ComfyUI's partial load left in RAM: its stored bytes cross on
+    ComfyUI's offload stream, asynchronously (no host synchronisation), as ComfyUI's own layers do."""
+    import comfy.ops
+
+    from wan22_blockswap.gguf_reader import GGUFTensor
+    from wan22_blockswap.quant_ops import make_ops
+    from test_gguf_reader import q8
+
+    ops = make_ops(comfy.ops.manual_cast)
+    layer = ops.Linear(64, 32, bias=True)
+    t, raw, _ = q8((32, 64))  # Q8_0 bytes
+    ref = t.dequantize()
+    layer.weight = nn.Parameter(GGUFTensor.wrap(raw.pin_memory(), "Q8_0", (32, 64)), requires_grad=False)
+    layer.bias = nn.Parameter(torch.randn(32).pin_memory(), requires_grad=False)
+    x = torch.randn(4, 64, device=DEV)
+    expected = torch.nn.functional.linear(x, ref.to(DEV), layer.bias.to(DEV))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, expected)

@@ -305,3 +305,24 @@ def test_an_engine_is_not_reused_on_another_gpu():
     assert controller._engine_for(first) is e0
     e1 = controller._engine_for(second)
     assert e1 is not e0 and e1.compute_device == torch.device("cuda", 1)
+
+
+def test_lora_factors_travel_with_their_block():
+    """A streamed block's patch tensors are packed once into the unit's extras and copied into the slot
+    with its weights; the slot transform reads those copies, not the patcher's tensors in RAM."""
+    model = load()
+    keys = ("blocks.7.ffn.0.weight", "blocks.6.self_attn.q.weight", "blocks.1.cross_attn.k.weight")
+    reference = sample(with_lora(model, keys=keys))
+    patched = with_lora(swap(model, 4), keys=keys)
+    assert torch.equal(sample(patched), reference)
+    engine = _ENGINES[patched.model.diffusion_model]
+    units = {u.name: u for u in engine._units}
+    diff7 = patched.patches["diffusion_model.blocks.7.ffn.0.weight"][0][1][1][0]
+    assert units["blocks.7"].extras.numel() >= diff7.numel() * diff7.element_size()
+    assert units["blocks.4"].extras is None  # no patch on it: nothing extra to carry
+    per_forward = engine.tracker.h2d_bytes // engine.tracker.forwards
+    assert per_forward >= sum(u.nbytes for u in units.values()) + units["blocks.7"].extras.numel()
+    # Wreck the patcher's copy of the factors: the next run still patches from the packed copies.
+    for key in keys[:2]:
+        patched.patches[f"diffusion_model.{key}"][0][1][1][0].zero_()
+    assert torch.equal(sample(patched), reference)

@@ -8,6 +8,7 @@ Stub knobs (not in ComfyUI):
   of all live models, and ``load_models_gpu`` / ``free_memory`` run ComfyUI's budget formulas.
   Set ``EXTRA_RESERVED_VRAM`` / ``MINIMUM_INFERENCE_BASE`` to 0 to make small budgets meaningful.
 """
+import contextlib
 import logging
 import sys
 import threading
@@ -119,16 +120,41 @@ def device_supports_non_blocking(device):
     return is_device_cuda(device)
 
 
+NUM_STREAMS = 2  # ComfyUI's default number of offload streams per device
+_OFFLOAD_STREAMS = {}
+
+
+def current_stream(device):
+    return torch.cuda.current_stream(device) if is_device_cuda(device) else None
+
+
+def get_offload_stream(device):
+    """ComfyUI's round robin of offload streams per CUDA device (each new turn first waits for the
+    current stream); None elsewhere."""
+    if not is_device_cuda(device):
+        return None
+    streams, turn = _OFFLOAD_STREAMS.setdefault(device, ([torch.cuda.Stream(device=device) for _ in range(NUM_STREAMS)], [0]))
+    turn[0] = (turn[0] + 1) % len(streams)
+    streams[turn[0]].wait_stream(current_stream(device))
+    return streams[turn[0]]
+
+
+def sync_stream(device, stream):
+    if stream is not None and current_stream(device) is not None:
+        current_stream(device).wait_stream(stream)
+
+
 def cast_to(weight, dtype=None, device=None, non_blocking=False, copy=False, stream=None, r=None):
-    """No copy when nothing changes and copy=False; otherwise a new tensor (or ``r``) on device/dtype.
-    Streams are ignored in the stub."""
+    """No copy when nothing changes and copy=False; otherwise a new tensor (or ``r``) on device/dtype,
+    allocated and copied on ``stream`` when one is given (a CUDA stream)."""
     if device is None or weight.device == torch.device(device):
         if not copy and (dtype is None or weight.dtype == dtype):
             return weight
         return weight.to(dtype=dtype, copy=copy)
-    if r is None:
-        r = torch.empty_like(weight, dtype=dtype, device=device)
-    r.copy_(weight, non_blocking=non_blocking)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if r is None:
+            r = torch.empty_like(weight, dtype=dtype, device=device)
+        r.copy_(weight, non_blocking=non_blocking)
     return r
 
 
