@@ -34,9 +34,14 @@ Mechanism, and why it is this one:
    copies of every model the node prepares (both WAN 2.2 experts together) or a clear error; a
    note when ComfyUI's pinned-memory cap leaves part of them pageable; a warning when the weights
    left on the GPU exceed 90 % of the card.
-7. **Dynamic VRAM** (``ModelPatcherDynamic``, ComfyUI's default on NVIDIA): ComfyUI then streams
-   weights itself and its patcher cannot take object-patched blocks, so the node passes the model
-   through unchanged and says so in the log and on the node. ``--disable-dynamic-vram`` enables the pack.
+7. **Dynamic VRAM** (``ModelPatcherDynamic``, ComfyUI's default on NVIDIA): ComfyUI streams such a
+   model's weights itself. Object patches do work on a dynamic clone (applied before its load; hidden
+   modules are skipped); what makes streaming on top of it unsafe is per-module state an earlier
+   dynamic load leaves behind (``_v`` VBAR slots, ``_pin*`` buffers, lowvram functions), pins outside
+   ComfyUI's accounting, and ``model_loaded_weight_memory``, which its load zeroes. So the choice is
+   explicit (``dynamic_vram``): by default the node passes the model through unchanged and says so;
+   "block swap" takes over through core's own route to a classic patcher,
+   ``clone(disable_dynamic=True)`` (:func:`classic_copy`), after a host-RAM check.
 """
 from __future__ import annotations
 
@@ -435,6 +440,42 @@ def send_node_text(node_id: Optional[str], text: str) -> None:
         log.debug("block swap: could not send node text", exc_info=True)
 
 
+PASS_THROUGH, TAKE_OVER = "pass through", "block swap"
+DYNAMIC_VRAM_CHOICES = (PASS_THROUGH, TAKE_OVER)
+
+
+def is_dynamic(patcher) -> bool:
+    """A ComfyUI Dynamic VRAM patcher (``ModelPatcherDynamic``): ComfyUI streams its weights itself."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def classic_copy(patcher):
+    """``(classic patcher, note)`` for a Dynamic VRAM one, made the way core's own nodes make one
+    (TorchCompileModel, hooks): ``clone(disable_dynamic=True)`` re-runs the loader that built the
+    model (``cached_patcher_init``) without Dynamic VRAM, so it has fresh modules, none of the
+    per-module state (``_v``, pins, lowvram functions) an earlier dynamic load left, and ComfyUI's
+    classic accounting, which block swap keeps true. The copy holds every weight in host RAM: that is
+    checked first. Without ``cached_patcher_init`` (a loader that does not say how to reload) the
+    model is returned unchanged with the reason."""
+    if getattr(patcher, "cached_patcher_init", None) is None:
+        text = ("Dynamic VRAM is on and this model's loader does not say how to reload it without Dynamic "
+                "VRAM (no cached_patcher_init), so block swap leaves it unchanged. Load it with Load "
+                "Diffusion Model or the pack's loaders, or start ComfyUI with --disable-dynamic-vram.")
+        log.warning("block swap: %s", text)
+        return patcher, text
+    need, available = full_model_size(patcher), host_available_bytes()
+    if need > available:
+        raise BlockSwapError(
+            f"not enough host RAM for dynamic_vram = block swap: a classic copy of this model needs "
+            f"{format_bytes(need)} of RAM, but only {format_bytes(available)} is available. Set dynamic_vram "
+            "to pass through, use an fp8 or GGUF model, or close other programs.")
+    classic = patcher.clone(disable_dynamic=True)
+    text = (f"Dynamic VRAM is on: block swap runs on a classic copy of this model, reloaded from its file "
+            f"({format_bytes(need)} in host RAM).")
+    log.info("block swap: %s", text)
+    return classic, text
+
+
 def plan_for(diffusion_model, settings):
     """``(layout, clamped settings, plan)`` for ``diffusion_model``: what :func:`apply_block_swap`
     streams, also asked by the BlockSwap loader before it reads the file."""
@@ -446,20 +487,31 @@ def plan_for(diffusion_model, settings):
 
 
 def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
-                     ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = ()):
+                     ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = (),
+                     dynamic_vram: str = PASS_THROUGH):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
     ``(model, text)`` with a description of what was done for the node's readout (one line, plus a
     line per pre-flight warning). ``pack_masters``: copy the streamed units into their host masters
     now, not at the first run. ``others``: block-swap clones the same node prepared before this one
     (the looper nodes): nothing of theirs is packed yet, so the host RAM check covers them too.
+    ``dynamic_vram``: what to do with a Dynamic VRAM patcher (:data:`DYNAMIC_VRAM_CHOICES`; see
+    :func:`classic_copy`).
 
     Raises :class:`BlockSwapError` before anything is changed (no clone, no engine) when the
     model cannot be swapped or the host RAM cannot hold the host copies (see :func:`preflight`)."""
-    if getattr(patcher, "is_dynamic", lambda: False)():
-        text = ("Dynamic VRAM is active: ComfyUI streams the weights itself, so block swap leaves this "
-                "model unchanged. Start ComfyUI with --disable-dynamic-vram to use block swap.")
-        log.warning("block swap: %s", text)
-        return patcher, text
+    if dynamic_vram not in DYNAMIC_VRAM_CHOICES:
+        raise BlockSwapError(f"dynamic_vram must be one of {', '.join(DYNAMIC_VRAM_CHOICES)}, got {dynamic_vram!r}")
+    dynamic_note = None
+    if is_dynamic(patcher):
+        if dynamic_vram == PASS_THROUGH:
+            text = ("Dynamic VRAM is on: ComfyUI streams this model's weights itself, so block swap leaves "
+                    "it unchanged. Set dynamic_vram to 'block swap' to stream it with this node, or start "
+                    "ComfyUI with --disable-dynamic-vram.")
+            log.warning("block swap: %s", text)
+            return patcher, text
+        patcher, dynamic_note = classic_copy(patcher)
+        if is_dynamic(patcher):  # no way to make a classic copy: passed through, with the reason
+            return patcher, dynamic_note
     diffusion_model = patcher.get_model_object("diffusion_model")
     layout, settings, plan = plan_for(diffusion_model, settings)
     targets = {name: unwrap(diffusion_model.get_submodule(name)) for name in plan.units}
@@ -467,6 +519,8 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
         for p in target.parameters():
             check_streamable(p, name)
     notes = preflight(patcher, diffusion_model, layout, settings, plan, targets, others)
+    if dynamic_note:
+        notes.insert(0, dynamic_note)
     for note in notes:
         log.warning("block swap: %s", note)
     from .looper_helpers import reset_model_blockswap_state

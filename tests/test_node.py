@@ -326,3 +326,49 @@ def test_lora_factors_travel_with_their_block():
     for key in keys[:2]:
         patched.patches[f"diffusion_model.{key}"][0][1][1][0].zero_()
     assert torch.equal(sample(patched), reference)
+
+
+def _reload_tiny(variant, seed, disable_dynamic=False):
+    """A loader's ``cached_patcher_init`` target: the same tiny model again (classic when asked)."""
+    return load(variant, seed)
+
+
+def test_dynamic_vram_take_over_makes_a_classic_copy_and_streams_it():
+    from wan22_blockswap.callbacks import apply_block_swap
+    from wan22_blockswap.config import SwapSettings
+
+    model = load()
+    reference = sample(model)
+    model.cached_patcher_init = (_reload_tiny, ("t2v", 0))
+    model.is_dynamic = lambda: True  # an instance attribute: what ModelPatcherDynamic answers
+    out, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4), dynamic_vram="block swap")
+    assert out is not model and not out.is_dynamic() and out.model is not model.model  # a new, classic model
+    assert "classic copy" in text
+    units = [k for k, v in out.object_patches.items() if isinstance(v, StreamedUnit)]
+    assert len(units) == 4
+    assert torch.equal(sample(out), reference)
+    passed, note = apply_block_swap(model, SwapSettings(blocks_to_swap=4))  # the default: pass through
+    assert passed is model and "dynamic_vram" in note
+
+
+def test_dynamic_vram_take_over_without_a_reload_recipe_passes_through_with_the_reason():
+    from wan22_blockswap.callbacks import apply_block_swap
+    from wan22_blockswap.config import SwapSettings
+
+    model = load()
+    model.cached_patcher_init = None
+    model.is_dynamic = lambda: True
+    out, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4), dynamic_vram="block swap")
+    assert out is model and "cached_patcher_init" in text
+
+
+def test_dynamic_vram_take_over_checks_host_ram_first(monkeypatch):
+    import wan22_blockswap.callbacks as cb
+    from wan22_blockswap.config import BlockSwapError, SwapSettings
+
+    model = load()
+    model.cached_patcher_init = (_reload_tiny, ("t2v", 0))
+    model.is_dynamic = lambda: True
+    monkeypatch.setattr(cb, "host_available_bytes", lambda: 1024)  # the pack's own RAM probe
+    with pytest.raises(BlockSwapError, match="classic copy of this model needs"):
+        cb.apply_block_swap(model, SwapSettings(blocks_to_swap=4), dynamic_vram="block swap")

@@ -158,9 +158,20 @@ class ModelPatcher:
     def clone(self, disable_dynamic=False, model_override=None, force_deepcopy=False):
         if force_deepcopy:
             raise NotImplementedError("stub: clone(force_deepcopy=True) (reloads from disk in ComfyUI)")
+        class_ = self.__class__
+        if self.is_dynamic() and disable_dynamic:
+            # core: a classic delegate of a dynamic model, built by re-running the loader that made it
+            class_ = ModelPatcher
+            if model_override is None:
+                if self.cached_patcher_init is None:
+                    raise RuntimeError("Cannot create non-dynamic delegate: cached_patcher_init is not initialized.")
+                temp = self.cached_patcher_init[0](*self.cached_patcher_init[1], disable_dynamic=True)
+                if len(self.cached_patcher_init) > 2:
+                    temp = temp[self.cached_patcher_init[2]]
+                model_override = temp.get_clone_model_override()
         model_override = model_override or self.get_clone_model_override()
-        n = self.__class__(model_override[0], self.load_device, self.offload_device, self.model_size(),
-                           weight_inplace_update=self.weight_inplace_update)
+        n = class_(model_override[0], self.load_device, self.offload_device, self.model_size(),
+                   weight_inplace_update=self.weight_inplace_update)
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.patches_uuid = self.patches_uuid  # same uuid: a clone with equal patches reuses loaded weights
         n.object_patches = self.object_patches.copy()
