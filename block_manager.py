@@ -391,6 +391,17 @@ class BlockSwapEngine:
         self._update_host_bytes()
         return self
 
+    def reset_counters(self) -> None:
+        """Start a run's figures: zero the counters and drop timing events of earlier work, which
+        would otherwise be read into this run's copy and stall times."""
+        self._pending_timings.clear()
+        self.tracker.reset_counters()
+
+    def synchronize(self) -> None:
+        """Wait for everything issued so far (copies and compute, every stream) and read all timing
+        events: what a benchmark does before it reads the figures. Never needed in normal use."""
+        self._sync()
+
     def end_run(self) -> None:
         """After a sampling run: evict whatever is still bound (an interrupted run), close a forward
         found without begin/end calls, and read the finished timing events. Keeps masters and

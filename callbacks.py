@@ -304,7 +304,7 @@ class SwapController:
             self._adjust_loaded(patcher, delta)
 
     def on_pre_run(self, patcher) -> None:
-        self.prepare(patcher).tracker.reset_counters()
+        self.prepare(patcher).reset_counters()
         if patcher.load_device.type == "cuda":  # the run summary's peak is this run's
             torch.cuda.reset_peak_memory_stats(patcher.load_device)
 

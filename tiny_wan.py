@@ -299,11 +299,12 @@ class WanModel(nn.Module):
                                                   device=device, dtype=torch.float32)
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, std: float = 0.02) -> "WanModel":
+    def init_weights(self, seed: int = 0, std: float = 0.02, only: Optional[nn.Module] = None) -> "WanModel":
         """Re-initialise deterministically without the global RNG: matrices/kernels ~ N(0, std),
-        biases 0, norm weights 1, modulations ~ N(0, 1/dim). Values depend on the device type."""
+        biases 0, norm weights 1, modulations ~ N(0, 1/dim). Values depend on the device type.
+        ``only``: just this submodule (a benchmark builds a 14B model one block at a time)."""
         gens = {}
-        for name, p in self.named_parameters():
+        for name, p in (only if only is not None else self).named_parameters():
             if p.is_meta:
                 continue
             if p.device not in gens:

@@ -62,7 +62,7 @@ class FakeEvent:
         self.rt._record(self, stream if stream is not None else self.rt._current)
 
     def query(self) -> bool:
-        return True
+        return self.rt.events_complete
 
     def elapsed_time(self, other: "FakeEvent") -> float:
         return 0.01
@@ -95,6 +95,7 @@ class RecordingRuntime:
         self.register_rc = 0
         self.unregister_rc = 0
         self.cleared_errors = 0
+        self.events_complete = True  # what Event.query answers (False: the device is still busy)
         self.streams_created = 0
 
     # ------------------------------------------------------------------ the runtime's interface
@@ -120,6 +121,7 @@ class RecordingRuntime:
 
     def synchronize(self, device) -> None:
         self._issue("device_sync", None)
+        self.events_complete = True
         self._host = _merge(self._host, self._last)
 
     def host_register(self, ptr: int, nbytes: int) -> int:

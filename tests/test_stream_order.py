@@ -157,3 +157,21 @@ def test_a_failed_unregister_is_reported_and_its_error_cleared(caplog):
     assert rt.cleared_errors == 2
     assert sum("cudaHostUnregister" in r.getMessage() and "700" in r.getMessage() for r in caplog.records) == 2
     assert engine.tracker.pinned_bytes == 0
+
+
+def test_reset_counters_drops_timings_of_earlier_work():
+    """A benchmark's warm-up copies must not be read into the timed run (they were, when the counters
+    were reset on the tracker alone): with the GPU still busy, the warm-up's timing events are pending."""
+    rt = RecordingRuntime()
+    model, inputs = comfy_layout_model("t2v")
+    engine = BlockSwapEngine.from_settings(model, SwapSettings(blocks_to_swap=4), "cpu", runtime=rt).setup()
+    rt.events_complete = False  # the device has not finished: nothing can be read yet
+    denoise(model, inputs, steps=1)  # warm-up
+    assert engine._pending_timings
+    engine.reset_counters()
+    denoise(model, inputs, steps=2)  # the timed run
+    engine.synchronize()
+    t = engine.tracker
+    assert t.forwards == 2 and t.copies == sum(t.unit_copies.values())
+    assert sum(t.copy_ms.values()) == pytest.approx(0.01 * t.copies)  # the fake's 0.01 ms per copy
+    engine.teardown()
