@@ -192,3 +192,80 @@ def test_orig_shape_metadata_must_be_dimensions(tmp_path):
         path.write_bytes(gguf_bytes([ARCH, kv("comfy.gguf.orig_shape.a.weight", ARRAY, arr)], [ONE], ONE_DATA))
         err = answered_fast(load_gguf_state_dict, path)
         assert str(path) in str(err) and "must list 1 to 8 dimensions >= 0" in str(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+def st_bytes(header, data: bytes, raw: bytes = None) -> bytes:
+    text = raw if raw is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def t(dtype, shape, start, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+D16 = bytes(range(16))
+
+
+def crafted_safetensors():
+    yield "overlapping ranges", st_bytes({"a": t("U8", [8], 0, 8), "b": t("U8", [8], 4, 12), "c": t("U8", [4], 12, 16)}, D16), \
+        r"tensor 'b' starts at data byte 4 and overlaps 'a' \(which ends at data byte 8\)"
+    yield "one range twice", st_bytes({"a": t("U8", [16], 0, 16), "b": t("U8", [16], 0, 16)}, D16), r"'b'.*overlaps 'a'"
+    yield "a gap", st_bytes({"a": t("U8", [4], 0, 4), "b": t("U8", [8], 8, 16)}, D16), \
+        r"tensor 'b' starts at data byte 8 and leaves a gap of 4 bytes after 'a'"
+    yield "gap before the first", st_bytes({"a": t("U8", [8], 8, 16)}, D16), r"gap of 8 bytes after the header"
+    yield "bytes after the last", st_bytes({"a": t("U8", [8], 0, 8)}, D16), r"8 bytes follow the last tensor's data"
+    yield "duplicate name", st_bytes(None, D16, b'{"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]},'
+                                              b'"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}'), \
+        r"the name 'a' appears twice"
+    yield "reversed offsets", st_bytes({"a": t("U8", [0], 16, 0)}, D16), r"byte range \[16, 0\] ends before it starts"
+    yield "shape 2**62", st_bytes({"a": t("F32", [2 ** 62], 0, 16)}, D16), r"needs 18446744073709551616 bytes"
+    yield "shape product overflows", st_bytes({"a": t("F32", [2 ** 40, 2 ** 40], 0, 16)}, D16), \
+        r"more elements than any file can hold"
+    yield "negative shape", st_bytes({"a": t("U8", [-16], 0, 16)}, D16), r"shape \[-16\]; a shape is a list of integers >= 0"
+    yield "float shape", st_bytes({"a": t("U8", [16.0], 0, 16)}, D16), r"shape \[16.0\]"
+    yield "bool offset", st_bytes({"a": t("U8", [16], False, 16)}, D16), r"data_offsets \[false, 16\]"
+    yield "offsets past the end", st_bytes({"a": t("U8", [16], 2 ** 62, 2 ** 62 + 16)}, D16), \
+        r"starts at data byte 4611686018427387904 and leaves a gap"
+    yield "truncated", st_bytes({"a": t("U8", [8], 0, 8), "b": t("U8", [16], 8, 24)}, D16), \
+        r"truncated file: tensor 'b' needs bytes up to"
+    yield "header length 2**62", struct.pack("<Q", 2 ** 62) + b"{}", r"header length field says 4611686018427387904"
+    yield "not UTF-8", st_bytes(None, D16, b'{"\xff":{}}'), r"not UTF-8"
+    yield "nested 100000 deep", st_bytes(None, D16, b"[" * 100_000 + b"]" * 100_000), r"nested too deeply|corrupt"
+    yield "300000 values", st_bytes(None, D16, b"[" + b"0," * 300_000 + b"0]"), r"about 30000\d JSON values; this loader reads at most 262144"
+    yield "5000-digit integer", st_bytes(None, D16, b'{"a":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,16]}}'), \
+        r"corrupt safetensors header"
+    yield "metadata not strings", st_bytes({"__metadata__": {"format": 1}, "a": t("U8", [16], 0, 16)}, D16), \
+        r"__metadata__ must map names to strings"
+    yield "unknown dtype", st_bytes({"a": t("Q4", [16], 0, 16)}, D16), r"tensor 'a' has dtype Q4"
+
+
+CRAFTED_ST = list(crafted_safetensors())
+
+
+@pytest.mark.parametrize("case,content,message", CRAFTED_ST, ids=[c[0] for c in CRAFTED_ST])
+def test_crafted_safetensors_is_an_error_naming_the_file_and_field(tmp_path, case, content, message):
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(content)
+    err = answered_fast(scan_weights, path)
+    assert isinstance(err, WeightFileError) and str(path) in str(err), repr(err)
+    assert re.search(message, str(err)), str(err)
+
+
+def test_the_reference_reader_refuses_the_ranges_the_pack_refuses(tmp_path):
+    """The byte-range rules are the safetensors library's (what ComfyUI's own loader uses): it
+    refuses the same overlap, gap and trailing-bytes files, and reads the tiled one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for case, content, _ in CRAFTED_ST[:5]:
+        path = tmp_path / "ref.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(SafetensorError):
+            load_file(str(path))
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(st_bytes({"b": t("U8", [8], 8, 16), "a": t("U8", [8], 0, 8)}, D16))  # any header order
+    assert load_file(str(path))["b"].tolist() == list(range(8, 16))
+    assert [(e.key, e.offset - path.stat().st_size + 16) for e in scan_weights(path)[1]] == [("b", 8), ("a", 0)]
