@@ -32,7 +32,7 @@ costs memory per item (measured with gguf 0.19: about 3 KiB per key-value pair, 
 1 KiB per metadata array element, at 10-80 us each). A consistent crafted file of a few MB could
 still ask for GBs that way, so the counts are capped far above what a diffusion-model file holds
 (WAN 14B: about 1,100-1,800 tensors, a handful of key-value pairs, array elements only for
-``comfy.gguf.orig_shape.*``), keeping gguf-py's worst case near 30 MB.
+``comfy.gguf.orig_shape.*``, names under 70 bytes), keeping gguf-py's worst case near 30 MB.
 """
 from __future__ import annotations
 
@@ -45,13 +45,14 @@ from typing import Dict, List, Optional, Tuple
 from .gguf_dequant import GGUFFormatError
 
 __all__ = ["GGUFLayout", "GGUFTensorInfo", "check_gguf_header", "MAX_TENSORS", "MAX_KV_PAIRS",
-           "MAX_ARRAY_ELEMENTS", "DEFAULT_ALIGNMENT"]
+           "MAX_ARRAY_ELEMENTS", "MAX_NAME_BYTES", "DEFAULT_ALIGNMENT"]
 
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_TENSORS = 4096
 MAX_KV_PAIRS = 1024
 MAX_ARRAY_ELEMENTS = 8192  # all metadata arrays together
+MAX_NAME_BYTES = 65536  # a key or tensor name (WAN's are under 70 bytes)
 _INT64_LIMIT = 2 ** 63
 
 # GGUF value types: id -> (name, size in bytes); 8 = string and 9 = array have no fixed size
@@ -128,8 +129,10 @@ class _Cursor:
         start = self.pos
         self.need(n, where, f"a string of length {n}")
         self.pos += n
-        if not decode:
+        if not decode:  # values are stepped over, never copied
             return None
+        if n > MAX_NAME_BYTES:  # keys and names are copied (here and by gguf-py): keep that small
+            raise self.fail(where, f"a name of {n} bytes; this loader reads names of at most {MAX_NAME_BYTES}")
         try:
             return bytes(self.buf[start:start + n]).decode("utf-8")
         except UnicodeDecodeError as e:

@@ -141,6 +141,7 @@ def crafted_gguf():
         rf"array of {MAX_ARRAY_ELEMENTS + 1} elements; this loader reads at most {MAX_ARRAY_ELEMENTS}"
     yield "too many key-value pairs", gguf_bytes([kv(f"k{i}", U8, b"\0") for i in range(MAX_KV_PAIRS + 1)]), \
         rf"{MAX_KV_PAIRS + 1} key-value pairs; this loader reads at most {MAX_KV_PAIRS}"
+    yield "a 100000-byte key", gguf_bytes([kv("k" * 100_000, U8, b"\0")]), r"a name of 100000 bytes; this loader reads"
     yield "too many tensors", gguf_bytes([ARCH], [info(f"t{i}", [0], F32, 0) for i in range(MAX_TENSORS + 1)]), \
         rf"{MAX_TENSORS + 1} tensors; this loader reads at most {MAX_TENSORS}"
 
