@@ -8,8 +8,9 @@ answered in under ``MAX_SECONDS`` with under ``MAX_EXTRA_RSS`` of extra peak RSS
 * loaded, and then every weight of the model is exactly what the file holds: the tensor the
   reference reader (the ``safetensors`` library, gguf-py) reads from the same bytes, converted to
   the weight's dtype (quantized GGUF bytes compared as stored). A flipped weight byte cannot be
-  detected without a checksum, so such loads just carry that byte; every other load equals the
-  intact file's.
+  detected without a checksum, so such loads just carry that byte; loads are counted as equal to
+  the intact file's or not (a changed weight byte, or a header change no format can tell from a
+  real file, such as two tensors of one size trading byte ranges).
 
 No RuntimeWarning may be raised on the way (numpy overflow warnings mean arithmetic on a lie).
 
