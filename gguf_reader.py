@@ -35,12 +35,15 @@ gguf-py facts relied on (gguf 0.19):
   private writable mapping is charged in full against the commit limit on Windows and under strict
   overcommit on Linux, which would make a 14B file "use" its whole size of commit: not worth it.
   The mapping stays alive as long as any tensor from it does; the file descriptor is closed at once.
-* **Errors.** gguf-py raises plain ``ValueError``/``IndexError``/... on bad files (a truncated file
-  typically fails with "cannot reshape array of size ..." when a tensor's data runs past the end).
-  Every failure here becomes ``gguf_dequant.GGUFFormatError`` naming the file.
+* **Errors.** gguf-py trusts every count in the header (a metadata array said to hold 2**61
+  elements makes it loop until memory runs out), so :func:`gguf_header.check_gguf_header` walks the
+  header against the file's real size first, and gguf-py must then find the tensors where that walk
+  did. What gguf-py still raises (plain ``ValueError``/``IndexError``/...) and every check here
+  becomes ``gguf_dequant.GGUFFormatError`` naming the file.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -51,6 +54,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 
 from .gguf_dequant import SUPPORTED, GGUFFormatError, _type_name, block_size, check_raw, check_shape, dequantize
+from .gguf_header import GGUFLayout, check_gguf_header
 
 __all__ = ["GGUFTensor", "TensorHeader", "read_headers", "load_gguf_state_dict", "write_tiny_gguf", "check_tensor_type",
            "ORIG_SHAPE_KEY", "KEY_PREFIXES"]
@@ -59,6 +63,7 @@ ORIG_SHAPE_KEY = "comfy.gguf.orig_shape.{}"
 KEY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 _NOT_WRITABLE = "The given NumPy array is not writable"
+_MAX_ORIG_DIMS = 8  # torch shapes of diffusion-model weights have at most 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +212,11 @@ def _orig_shape(reader, gguf, tensor_name: str, path) -> Optional[Tuple[int, ...
     if len(field.types) != 2 or field.types[0] != gguf.GGUFValueType.ARRAY or field.types[1] not in ints:
         raise GGUFFormatError(f"{path}: metadata {ORIG_SHAPE_KEY.format(tensor_name)} must be an array of "
                               f"ints, got {[t.name for t in field.types]}")
-    return tuple(int(field.parts[i][0]) for i in field.data)
+    shape = tuple(int(field.parts[i][0]) for i in field.data)
+    if not 1 <= len(shape) <= _MAX_ORIG_DIMS or min(shape) < 0:
+        raise GGUFFormatError(f"{path}: metadata {ORIG_SHAPE_KEY.format(tensor_name)} must list 1 to "
+                              f"{_MAX_ORIG_DIMS} dimensions >= 0, got {list(shape)[:_MAX_ORIG_DIMS + 1]}")
+    return shape
 
 
 def _strip_prefix(key: str) -> str:
@@ -228,11 +237,26 @@ def _open_reader(path: str):
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFFormatError(f"{path}: not a GGUF file (it starts with {magic!r}, expected b'GGUF')")
+    # gguf-py trusts the header's counts (a lie can make it loop until memory runs out): check them
+    # against the file first
+    layout = check_gguf_header(path)
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, IndexError, KeyError, ... on bad data
         raise GGUFFormatError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e})") from e
+    _same_tensors(path, layout, reader)
     return gguf, reader
+
+
+def _same_tensors(path: str, layout: GGUFLayout, reader) -> None:
+    """gguf-py must have read the tensors where the header check found them: two parsers that
+    disagree about a file would make the check meaningless."""
+    found = [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    checked = [(t.name, t.offset, t.nbytes) for t in layout.tensors]
+    if found != checked:
+        ours, theirs = next(pair for pair in itertools.zip_longest(checked, found) if pair[0] != pair[1])
+        raise GGUFFormatError(f"{path}: corrupt GGUF file: the header reads two ways (tensor name, offset, "
+                              f"bytes: {theirs} by gguf-py, {ours} by the header check)")
 
 
 @dataclass(frozen=True)
@@ -265,7 +289,7 @@ def read_headers(path, *, expected_arch: Optional[Iterable[str]] = ("wan",)
             raise GGUFFormatError(f"{path}: the file has {what}; expected {' or '.join(map(repr, allowed))}")
     for t in reader.tensors:  # types and sizes of all tensors first: the cheap, decisive checks
         check_tensor_type(path, t.name, t.tensor_type.name)
-        if t.data_offset + t.n_bytes > file_size:  # gguf-py normally fails first; be sure anyway
+        if t.data_offset + t.n_bytes > file_size:  # the header check fails first; be sure anyway
             raise GGUFFormatError(f"{path}: truncated or corrupt GGUF file (tensor {t.name!r} runs past "
                                   f"the end: needs bytes up to {t.data_offset + t.n_bytes}, file has {file_size})")
     headers: List[TensorHeader] = []

@@ -91,3 +91,19 @@ def comfy_nodes():
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     return nodes.NODE_CLASS_MAPPINGS
+
+
+# Figures a test measured (fuzz counts, times): printed after the run, whatever its outcome.
+_SUMMARY_LINES = []
+
+
+@pytest.fixture(scope="session")
+def summary_lines():
+    return _SUMMARY_LINES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARY_LINES:
+        terminalreporter.section("measured figures")
+        for line in _SUMMARY_LINES:
+            terminalreporter.write_line(line)

@@ -11,7 +11,7 @@ import comfy.sd
 
 
 class WanModelConfig:
-    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    supported_inference_dtypes = [torch.float16, torch.bfloat16, torch.float32]  # WAN21's, in its order
 
     def __init__(self, detected):
         self._detected = dict(detected)

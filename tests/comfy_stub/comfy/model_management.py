@@ -344,12 +344,84 @@ def unload_all_models():
         free_memory(1e30, device)
 
 
+# ------------------------------------------------------------------ dtype choice
+# ComfyUI's decisions in the same order (tests/test_stub_conformance.py checks them against a real
+# ComfyUI on a grid of inputs); none of its --fp*-unet / --force-fp16 flags. What a device can do
+# is asked from should_use_fp16 / should_use_bf16 / supports_fp8_compute, which answer as ComfyUI
+# does for a CPU; a test stands in for a GPU by replacing them (in the real ComfyUI too).
+PRIORITIZE_FP16 = False
+FLOAT8_TYPES = [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+                                                  "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)]
+
+
+def _on_cpu(device):
+    return is_device_cpu(get_torch_device() if device is None else device)
+
+
+def should_use_fp16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+    return not _on_cpu(device) and torch.cuda.is_available()
+
+
+def should_use_bf16(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+    return not _on_cpu(device) and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def supports_fp8_compute(device=None):
+    return not _on_cpu(device) and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def get_total_memory(dev=None, torch_total_too=False):
+    dev = get_torch_device() if dev is None else torch.device(dev)
+    if dev.type == "cuda":
+        total = torch.cuda.mem_get_info(dev)[1]
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    return (total, total) if torch_total_too else total
+
+
+def maximum_vram_for_weights(device=None):
+    return get_total_memory(device) * 0.88 - minimum_inference_memory()
+
+
 def unet_dtype(device=None, model_params=0, supported_dtypes=(torch.float16, torch.bfloat16, torch.float32),
                weight_dtype=None):
-    """ComfyUI on a CPU device: fp32 whatever the file holds (fp16/bf16 are not used for CPU compute)."""
+    """The dtype weights are stored in. fp8 files stay fp8 where the device computes in fp8 or the
+    weights would not fit twice over in fp16; then fp16 for fp16 files; then the first of
+    ``supported_dtypes`` the device runs natively, then one it runs with manual casting; fp32."""
+    if model_params < 0:
+        model_params = 10 ** 21
+    if weight_dtype in FLOAT8_TYPES and (supports_fp8_compute(device)
+                                         or model_params * 2 > maximum_vram_for_weights(device)):
+        return weight_dtype
+    if ((PRIORITIZE_FP16 or weight_dtype == torch.float16) and torch.float16 in supported_dtypes
+            and should_use_fp16(device=device, model_params=model_params)):
+        return torch.float16
+    for manual_cast in (False, True):
+        for dt in supported_dtypes:
+            if dt == torch.float16 and should_use_fp16(device=device, model_params=model_params, manual_cast=manual_cast):
+                return torch.float16
+            if dt == torch.bfloat16 and should_use_bf16(device, model_params=model_params, manual_cast=manual_cast):
+                return torch.bfloat16
     return torch.float32
 
 
 def unet_manual_cast(weight_dtype, inference_device, supported_dtypes=(torch.float16, torch.bfloat16, torch.float32)):
-    """None when the device computes in ``weight_dtype``; else the compute dtype (fp32 on CPU)."""
-    return None if weight_dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+    """None when ``inference_device`` computes in ``weight_dtype``; else the dtype it computes in."""
+    if weight_dtype in (torch.float32, torch.float64):
+        return None
+    if weight_dtype == torch.float16 and should_use_fp16(inference_device, prioritize_performance=False):
+        return None
+    bf16_ok = should_use_bf16(inference_device)
+    if weight_dtype == torch.bfloat16 and bf16_ok:
+        return None
+    fp16_ok = should_use_fp16(inference_device, prioritize_performance=True)
+    if PRIORITIZE_FP16 and fp16_ok and torch.float16 in supported_dtypes:
+        return torch.float16
+    for dt in supported_dtypes:
+        if dt == torch.float16 and fp16_ok:
+            return torch.float16
+        if dt == torch.bfloat16 and bf16_ok:
+            return torch.bfloat16
+    return torch.float32

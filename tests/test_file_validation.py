@@ -1,0 +1,272 @@
+"""Crafted weight files: each lie in a header is an error naming the file and the field, at once.
+
+GGUF files are built byte by byte here (``gguf_bytes``), so a header can say anything; safetensors
+files are a length, a JSON text and data. Every case goes through the pack's two GGUF readers
+(``gguf_reader.load_gguf_state_dict``, memory-mapped, and ``weight_files.scan_weights``, the
+loaders' scan) or the safetensors scan, with numpy warnings turned into errors and a watchdog, and
+must fail in well under a second. The loader-level cases check that nothing reaches ComfyUI.
+"""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import struct
+import time
+import warnings
+
+import pytest
+
+import comfy.model_management as mm
+
+from wan22_blockswap.config import BlockSwapError
+from wan22_blockswap.gguf_dequant import GGUFFormatError
+from wan22_blockswap.gguf_header import MAX_ARRAY_ELEMENTS, MAX_KV_PAIRS, MAX_TENSORS, check_gguf_header
+from wan22_blockswap.gguf_reader import load_gguf_state_dict
+from wan22_blockswap.model_loader import load_wan_model
+from wan22_blockswap.weight_files import WeightFileError, scan_weights
+
+U8, U32, F32_VALUE, STRING, ARRAY = 0, 4, 6, 8, 9
+F32, F16, Q8_0 = 0, 1, 8
+
+
+class _Hang(BaseException):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Hang()
+
+
+def answered_fast(fn, *args, limit=1.0, **kwargs):
+    """``fn``'s exception, after checking it came within ``limit`` seconds, with no warnings (a
+    watchdog stops a hang after 10 s)."""
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy's overflow warnings included
+            fn(*args, **kwargs)
+    except _Hang:
+        pytest.fail(f"{fn.__name__} did not answer within 10 s")
+    except Exception as e:  # noqa: BLE001 - returned for the caller's checks
+        elapsed = time.perf_counter() - t0
+        assert elapsed < limit, f"answered in {elapsed:.3f} s"
+        return e
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    pytest.fail(f"{fn.__name__} accepted the file")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF bytes
+
+def s(text) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def kv(key, vtype, payload: bytes) -> bytes:
+    return s(key) + struct.pack("<I", vtype) + payload
+
+
+def info(name, dims, ttype, offset) -> bytes:
+    return s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims) + \
+        struct.pack("<IQ", ttype, offset)
+
+
+def gguf_bytes(kvs=(), infos=(), data=b"", *, version=3, n_tensors=None, n_kv=None, alignment=32) -> bytes:
+    head = b"GGUF" + struct.pack("<IQQ", version, len(infos) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv) + b"".join(kvs) + b"".join(infos)
+    return head + b"\0" * (-len(head) % alignment) + data
+
+
+ARCH = kv("general.architecture", STRING, s("wan"))
+ONE = info("a.weight", [4], F32, 0)
+ONE_DATA = struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16
+
+
+def crafted_gguf():
+    """(id, file bytes, what the message must say)."""
+    big_array = kv("k", ARRAY, struct.pack("<IQ", U8, 2 ** 61))
+    yield "array of 2**61 (the issue's 46-byte kind)", gguf_bytes([big_array]), \
+        r"key-value pair 1 of 1 \('k'\).*array of 2305843009213693952 UINT8 values needs"
+    yield "array of 1e9", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", U32, 10 ** 9))]), \
+        r"array of 1000000000 UINT32 values needs 4000000000 bytes"
+    yield "array of 2**31 strings", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", STRING, 2 ** 31))]), \
+        r"array of 2147483648 STRING values"
+    yield "tensor count 2**62", gguf_bytes([ARCH], n_tensors=2 ** 62), r"declares 4611686018427387904 tensors"
+    yield "key-value count 2**32", gguf_bytes([ARCH], n_kv=2 ** 32), r"4294967296 key-value pairs"
+    yield "key length 2**63", gguf_bytes([s(b"")[:0] + struct.pack("<Q", 2 ** 63) + b"x" * 20]), \
+        r"key-value pair 1 of 1, key: a string of length 9223372036854775808 needs"
+    yield "string value length 2**62", gguf_bytes([kv("general.name", STRING, struct.pack("<Q", 2 ** 62) + b"abc")]), \
+        r"'general.name'.*string of length 4611686018427387904"
+    yield "tensor name length 2**32", gguf_bytes([ARCH], [struct.pack("<Q", 2 ** 32) + b"abc" * 10]), \
+        r"tensor info 1 of 1, name: a string of length 4294967296"
+    yield "nested array", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 1) + struct.pack("<IQ", U8, 1) + b"\0")]), \
+        r"arrays of arrays"
+    yield "unknown value type", gguf_bytes([kv("k", 13, b"\0" * 8)]), r"'k'\): unknown value type 13"
+    yield "5 dimensions", gguf_bytes([ARCH], [info("a", [1, 1, 1, 1, 1], F32, 0)], ONE_DATA), r"'a'\): 5 dimensions"
+    yield "2**31 dimensions", gguf_bytes([ARCH], [s("a") + struct.pack("<I", 2 ** 31) + b"\0" * 40]), \
+        r"2147483648 dimensions"
+    yield "dimensions overflow", gguf_bytes([ARCH], [info("a", [2 ** 32, 2 ** 32], F32, 0)], ONE_DATA), \
+        r"dimensions \[4294967296, 4294967296\] describe more bytes"
+    yield "zero and huge dimension", gguf_bytes([ARCH], [info("a", [0, 2 ** 62], F32, 0)]), \
+        r"dimensions \[0, 4611686018427387904\] describe more bytes"
+    yield "unknown ggml type", gguf_bytes([ARCH], [info("a", [4], 4, 0)], ONE_DATA), r"unknown GGML type id 4"
+    yield "row not a block multiple", gguf_bytes([ARCH], [info("a", [33], Q8_0, 0)], b"\0" * 64), \
+        r"Q8_0 rows of 33 elements are not a multiple of its block size 32"
+    yield "offset past the end", gguf_bytes([ARCH], [info("a.weight", [4], F32, 2 ** 62)], ONE_DATA), \
+        r"'a.weight', data offset: 4611686018427387904, expected 0"
+    yield "data cut short", gguf_bytes([ARCH], [info("a.weight", [64], F32, 0)], ONE_DATA), \
+        r"tensor 'a.weight' \(F32 \[64\]\) needs bytes .*but the file has"
+    yield "offsets out of order", gguf_bytes([ARCH], [info("a", [8], F32, 32), info("b", [8], F32, 0)], b"\0" * 64), \
+        r"'a', data offset: 32, expected 0"
+    yield "overlapping tensors", gguf_bytes([ARCH], [info("a", [8], F32, 0), info("b", [8], F32, 0)], b"\0" * 64), \
+        r"'b', data offset: 0, expected 32"
+    yield "alignment 0", gguf_bytes([kv("general.alignment", U32, struct.pack("<I", 0))]), r"alignment 0 is not a power of two"
+    yield "alignment 48", gguf_bytes([kv("general.alignment", U32, struct.pack("<I", 48))]), r"alignment 48"
+    yield "alignment as a float", gguf_bytes([kv("general.alignment", F32_VALUE, struct.pack("<f", 32))]), \
+        r"general.alignment must be a UINT32"
+    yield "duplicate key", gguf_bytes([ARCH, ARCH]), r"key-value pair 2 of 2 \('general.architecture'\): the key appears twice"
+    yield "duplicate tensor", gguf_bytes([ARCH], [info("a", [8], F32, 0), info("a", [8], F32, 32)], b"\0" * 64), \
+        r"tensor info 2 of 2 \('a'\): two tensors have this name"
+    yield "key not UTF-8", gguf_bytes([kv(b"\xff\xfe", U8, b"\0")]), r"key: not valid UTF-8"
+    yield "version 1", gguf_bytes([ARCH], version=1), r"version: GGUF version 1; this loader reads versions 2 and 3"
+    yield "big-endian", gguf_bytes([ARCH], version=3 << 24), r"opposite byte order"
+    yield "too many elements in arrays", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", U8, MAX_ARRAY_ELEMENTS + 1)
+                                                        + b"\0" * (MAX_ARRAY_ELEMENTS + 1))]), \
+        rf"array of {MAX_ARRAY_ELEMENTS + 1} elements; this loader reads at most {MAX_ARRAY_ELEMENTS}"
+    yield "too many key-value pairs", gguf_bytes([kv(f"k{i}", U8, b"\0") for i in range(MAX_KV_PAIRS + 1)]), \
+        rf"{MAX_KV_PAIRS + 1} key-value pairs; this loader reads at most {MAX_KV_PAIRS}"
+    yield "a 100000-byte key", gguf_bytes([kv("k" * 100_000, U8, b"\0")]), r"a name of 100000 bytes; this loader reads"
+    yield "too many tensors", gguf_bytes([ARCH], [info(f"t{i}", [0], F32, 0) for i in range(MAX_TENSORS + 1)]), \
+        rf"{MAX_TENSORS + 1} tensors; this loader reads at most {MAX_TENSORS}"
+
+
+CRAFTED_GGUF = list(crafted_gguf())
+
+
+@pytest.mark.parametrize("case,content,message", CRAFTED_GGUF, ids=[c[0] for c in CRAFTED_GGUF])
+def test_crafted_gguf_is_an_error_naming_the_file_and_field(tmp_path, case, content, message):
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(content)
+    for reader in (load_gguf_state_dict, scan_weights):
+        err = answered_fast(reader, path)
+        assert isinstance(err, (GGUFFormatError, WeightFileError)), repr(err)
+        assert str(path) in str(err)
+        assert re.search(message, str(err)), str(err)
+
+
+def test_the_issues_crafted_gguf_through_the_loader(tmp_path):
+    """The file from the issue (a key-value array of 2**61 elements): refused by WAN Model Loader's
+    code in under a second, with a message naming the file, and nothing registered with ComfyUI."""
+    path = tmp_path / "crafted.gguf"
+    path.write_bytes(gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", U8, 2 ** 61))]))
+    before = len(mm.current_loaded_models)
+    err = answered_fast(load_wan_model, path)
+    assert isinstance(err, BlockSwapError) and str(path) in str(err) and "array" in str(err)
+    assert len(mm.current_loaded_models) == before
+
+
+def test_a_consistent_header_passes_and_the_layout_is_right(tmp_path):
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(gguf_bytes([ARCH, kv("general.alignment", U32, struct.pack("<I", 64))],
+                                [info("a.weight", [4], F32, 0), info("b.weight", [2], F16, 64)],
+                                ONE_DATA + b"\0" * 32 + struct.pack("<2e", 5, 6), alignment=64))
+    layout = check_gguf_header(path)
+    assert layout.alignment == 64 and layout.data_start % 64 == 0
+    assert [(t.name, t.offset - layout.data_start, t.nbytes) for t in layout.tensors] == \
+        [("a.weight", 0, 16), ("b.weight", 64, 4)]
+    sd, info_ = load_gguf_state_dict(path)
+    assert sd["a.weight"].tolist() == [1, 2, 3, 4] and sd["b.weight"].tolist() == [5, 6]
+
+
+def test_orig_shape_metadata_must_be_dimensions(tmp_path):
+    """``comfy.gguf.orig_shape`` reshapes a tensor: negative entries (whose product can still match)
+    and absurd dimension counts are refused before torch sees them."""
+    for shape in ([-1, -4], [1] * 9):
+        arr = struct.pack("<IQ", 5, len(shape)) + b"".join(struct.pack("<i", d) for d in shape)
+        path = tmp_path / "orig.gguf"
+        path.write_bytes(gguf_bytes([ARCH, kv("comfy.gguf.orig_shape.a.weight", ARRAY, arr)], [ONE], ONE_DATA))
+        err = answered_fast(load_gguf_state_dict, path)
+        assert str(path) in str(err) and "must list 1 to 8 dimensions >= 0" in str(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+def st_bytes(header, data: bytes, raw: bytes = None) -> bytes:
+    text = raw if raw is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def t(dtype, shape, start, end):
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+D16 = bytes(range(16))
+
+
+def crafted_safetensors():
+    yield "overlapping ranges", st_bytes({"a": t("U8", [8], 0, 8), "b": t("U8", [8], 4, 12), "c": t("U8", [4], 12, 16)}, D16), \
+        r"tensor 'b' starts at data byte 4 and overlaps 'a' \(which ends at data byte 8\)"
+    yield "one range twice", st_bytes({"a": t("U8", [16], 0, 16), "b": t("U8", [16], 0, 16)}, D16), r"'b'.*overlaps 'a'"
+    yield "a gap", st_bytes({"a": t("U8", [4], 0, 4), "b": t("U8", [8], 8, 16)}, D16), \
+        r"tensor 'b' starts at data byte 8 and leaves a gap of 4 bytes after 'a'"
+    yield "gap before the first", st_bytes({"a": t("U8", [8], 8, 16)}, D16), r"gap of 8 bytes after the header"
+    yield "bytes after the last", st_bytes({"a": t("U8", [8], 0, 8)}, D16), r"8 bytes follow the last tensor's data"
+    yield "duplicate name", st_bytes(None, D16, b'{"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]},'
+                                              b'"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}'), \
+        r"the name 'a' appears twice"
+    yield "reversed offsets", st_bytes({"a": t("U8", [0], 16, 0)}, D16), r"byte range \[16, 0\] ends before it starts"
+    yield "shape 2**62", st_bytes({"a": t("F32", [2 ** 62], 0, 16)}, D16), r"needs 18446744073709551616 bytes"
+    yield "shape product overflows", st_bytes({"a": t("F32", [2 ** 40, 2 ** 40], 0, 16)}, D16), \
+        r"more elements than any file can hold"
+    yield "negative shape", st_bytes({"a": t("U8", [-16], 0, 16)}, D16), r"shape \[-16\]; a shape is a list of integers >= 0"
+    yield "float shape", st_bytes({"a": t("U8", [16.0], 0, 16)}, D16), r"shape \[16.0\]"
+    yield "bool offset", st_bytes({"a": t("U8", [16], False, 16)}, D16), r"data_offsets \[false, 16\]"
+    yield "offsets past the end", st_bytes({"a": t("U8", [16], 2 ** 62, 2 ** 62 + 16)}, D16), \
+        r"starts at data byte 4611686018427387904 and leaves a gap"
+    yield "truncated", st_bytes({"a": t("U8", [8], 0, 8), "b": t("U8", [16], 8, 24)}, D16), \
+        r"truncated file: tensor 'b' needs bytes up to"
+    yield "header length 2**62", struct.pack("<Q", 2 ** 62) + b"{}", r"header length field says 4611686018427387904"
+    yield "not UTF-8", st_bytes(None, D16, b'{"\xff":{}}'), r"not UTF-8"
+    yield "nested 100000 deep", st_bytes(None, D16, b"[" * 100_000 + b"]" * 100_000), r"nested too deeply|corrupt"
+    yield "300000 values", st_bytes(None, D16, b"[" + b"0," * 300_000 + b"0]"), r"about 30000\d JSON values; this loader reads at most 262144"
+    yield "5000-digit integer", st_bytes(None, D16, b'{"a":{"dtype":"U8","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,16]}}'), \
+        r"corrupt safetensors header"
+    yield "metadata not strings", st_bytes({"__metadata__": {"format": 1}, "a": t("U8", [16], 0, 16)}, D16), \
+        r"__metadata__ must map names to strings"
+    yield "unknown dtype", st_bytes({"a": t("Q4", [16], 0, 16)}, D16), r"tensor 'a' has dtype Q4"
+
+
+CRAFTED_ST = list(crafted_safetensors())
+
+
+@pytest.mark.parametrize("case,content,message", CRAFTED_ST, ids=[c[0] for c in CRAFTED_ST])
+def test_crafted_safetensors_is_an_error_naming_the_file_and_field(tmp_path, case, content, message):
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(content)
+    err = answered_fast(scan_weights, path)
+    assert isinstance(err, WeightFileError) and str(path) in str(err), repr(err)
+    assert re.search(message, str(err)), str(err)
+
+
+def test_the_reference_reader_refuses_the_ranges_the_pack_refuses(tmp_path):
+    """The byte-range rules are the safetensors library's (what ComfyUI's own loader uses): it
+    refuses the same overlap, gap and trailing-bytes files, and reads the tiled one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for case, content, _ in CRAFTED_ST[:5]:
+        path = tmp_path / "ref.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(SafetensorError):
+            load_file(str(path))
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(st_bytes({"b": t("U8", [8], 8, 16), "a": t("U8", [8], 0, 8)}, D16))  # any header order
+    assert load_file(str(path))["b"].tolist() == list(range(8, 16))
+    assert [(e.key, e.offset - path.stat().st_size + 16) for e in scan_weights(path)[1]] == [("b", 8), ("a", 0)]
