@@ -358,6 +358,28 @@ def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_
     return patcher, info, dtypes
 
 
+def _quant_formats(path: str, stand_ins: Dict[str, torch.Tensor]) -> Counter:
+    """The quantization format of every layer config (``.comfy_quant``: a 1-D uint8 tensor of JSON
+    naming a format ComfyUI knows), counted; an error naming the file and key for a damaged one."""
+    from comfy.quant_ops import QUANT_ALGOS
+
+    formats: Counter = Counter()
+    for key, t in stand_ins.items():
+        if not key.endswith(".comfy_quant"):
+            continue
+        try:
+            if t.dtype != torch.uint8 or t.ndim != 1:
+                raise ValueError(f"a {t.dtype} tensor of shape {tuple(t.shape)}, not 1-D uint8 JSON text")
+            conf = json.loads(t.numpy().tobytes())
+            fmt = conf.get("format") if isinstance(conf, dict) else None
+            if fmt not in QUANT_ALGOS:
+                raise ValueError(f"format {fmt!r} is not one of ComfyUI's ({', '.join(QUANT_ALGOS)})")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BlockSwapError(f"{path}: the layer config {key} is damaged: {e}") from e
+        formats[fmt] += 1
+    return formats
+
+
 # Per-layer tensors of ComfyUI's quantized forms besides the weight (after its conversion of the old form)
 _QUANT_EXTRAS = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant")
 
@@ -373,6 +395,9 @@ def _load_comfy_quantized(path, entries, metadata, *, model_type, wan_version, m
     import comfy.sd
     import comfy.utils
 
+    if not hasattr(comfy.utils, "convert_old_quants"):  # a ComfyUI from before its quantized formats
+        raise BlockSwapError(f"{path} is a quantized checkpoint (fp8_scaled / mixed precision), which this "
+                             "ComfyUI cannot load: update ComfyUI.")
     if fp8_optimization != "disabled":
         raise BlockSwapError(f"{path} is already quantized (ComfyUI's fp8_scaled / mixed-precision format): "
                              "set fp8_optimization to disabled for it.")
@@ -383,8 +408,12 @@ def _load_comfy_quantized(path, entries, metadata, *, model_type, wan_version, m
         values = read_weights(path, small)
     except WeightFileError as e:
         raise BlockSwapError(str(e)) from e
-    stand_ins, _ = comfy.utils.convert_old_quants({e.key: values.get(e.key, e.meta()) for e in entries}, "",
-                                                  metadata=dict(metadata))
+    try:
+        stand_ins, _ = comfy.utils.convert_old_quants({e.key: values.get(e.key, e.meta()) for e in entries}, "",
+                                                      metadata=dict(metadata))
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:  # damaged markers or metadata
+        raise BlockSwapError(f"{path}: its quantization markers are damaged ({type(e).__name__}: {e})") from e
+    formats = _quant_formats(path, stand_ins)
     model_config, info = _detect(path, stand_ins, metadata, wan_version, model_variant)
     load_device = mm.get_torch_device()
     if weight_dtype != "auto":
@@ -401,13 +430,15 @@ def _load_comfy_quantized(path, entries, metadata, *, model_type, wan_version, m
     model_options = {} if weight_dtype == "auto" else {"dtype": _DTYPES[weight_dtype]}
     if for_swap:
         model_options["offload_device"] = torch.device("cpu")  # the streamed blocks' masters live in RAM
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=dict(metadata),
-                                                       disable_dynamic=True)
+    try:
+        patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options=model_options, metadata=dict(metadata),
+                                                           disable_dynamic=True)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:  # e.g. a scale of the wrong shape
+        raise BlockSwapError(f"{path}: ComfyUI could not build the model from this file ({type(e).__name__}: "
+                             f"{e}); the file is damaged") from e
     if patcher is None:  # cannot happen after _detect: the same detection on the same keys
         raise BlockSwapError(f"{path}: ComfyUI could not build the model it detected")
     model = patcher.model
-    formats = Counter(json.loads(bytes(t.tolist()).decode()).get("format", "?")
-                      for k, t in stand_ins.items() if k.endswith(".comfy_quant"))
     cast = getattr(model, "manual_cast_dtype", None)
     dtypes = (f"quantized layers {', '.join(f'{f} x{c}' for f, c in formats.most_common())} (ComfyUI's "
               f"mixed precision), other weights {_dtype_name(model.get_dtype())}"

@@ -2,7 +2,7 @@
 
 Forms (``FORMS``): safetensors bf16; safetensors with fp8 block matrices; ComfyUI's older fp8_scaled
 format (fp8 + ``scale_weight`` + ``scaled_fp8``); its newer mixed-precision format (fp8 +
-``weight_scale`` + ``comfy_quant``, which the pack refuses and names UNETLoader for); GGUF with F16,
+``weight_scale`` + ``comfy_quant``; both load through ComfyUI's own conversion); GGUF with F16,
 Q8_0 and Q4_K block matrices (each GGUF form carries ``comfy.gguf.orig_shape`` arrays: the 5-D
 patch embedding, and for Q4_K every matrix whose rows are not a multiple of 256). One WAN block,
 dim 128, text_dim 4096: the smallest model ComfyUI's own detection recognises.
@@ -34,7 +34,6 @@ from wan22_blockswap.gguf_dequant import block_size
 from wan22_blockswap.gguf_reader import GGUFTensor, write_tiny_gguf
 
 FORMS = ("st_bf16", "st_fp8", "st_fp8_scaled", "st_comfy_quant", "gguf_f16", "gguf_q8_0", "gguf_q4_k")
-REFUSED_FORMS = {"st_comfy_quant"}  # the pack refuses even the intact file, with a message
 BIG = (2 ** 31, 2 ** 32, 2 ** 61, 2 ** 62, 2 ** 64 - 1)
 
 
