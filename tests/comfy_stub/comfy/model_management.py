@@ -120,7 +120,6 @@ def device_supports_non_blocking(device):
     return is_device_cuda(device)
 
 
-NUM_STREAMS = 2  # ComfyUI's default number of offload streams per device
 _OFFLOAD_STREAMS = {}
 
 
@@ -129,9 +128,9 @@ def current_stream(device):
 
 
 def get_offload_stream(device):
-    """ComfyUI's round robin of offload streams per CUDA device (each new turn first waits for the
-    current stream); None elsewhere."""
-    if not is_device_cuda(device):
+    """ComfyUI's round robin of ``NUM_STREAMS`` offload streams per CUDA device (each new turn first
+    waits for the current stream); None elsewhere, or with no offload streams (ComfyUI's CPU value)."""
+    if not is_device_cuda(device) or NUM_STREAMS == 0:
         return None
     streams, turn = _OFFLOAD_STREAMS.setdefault(device, ([torch.cuda.Stream(device=device) for _ in range(NUM_STREAMS)], [0]))
     turn[0] = (turn[0] + 1) % len(streams)
