@@ -55,7 +55,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .block_manager import BlockSwapEngine, SharedRing, check_streamable, packed_bytes
+from .block_manager import BlockSwapEngine
+from .device_ring import SharedRing
+from .host_masters import check_streamable, packed_bytes
 from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
 from .utils import (VRAM_LIMIT, __version__, as_device, device_name, device_total_memory, format_bytes, get_logger,
                     host_available_bytes, host_ram_message, pin_budget_message, trace_directory,

@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .block_manager import BlockSwapEngine, SharedRing
+from .block_manager import BlockSwapEngine
+from .device_ring import SharedRing
 from .config import SwapSettings
 from .utils import device_memory, format_bytes, get_logger, host_available_bytes, host_rss_bytes
 

@@ -320,7 +320,7 @@ def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_
         def unit_of(key: str) -> Optional[str]:
             return next((u for u in units if key.startswith(u + ".")), None)
 
-        from .block_manager import arena_offset
+        from .host_masters import arena_offset
 
         group_of, group_bytes = unit_of, {}
         for e in entries:

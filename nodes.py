@@ -174,7 +174,7 @@ class WAN22BlockSwapLooperModels:
                 "optional": budget_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def apply(self, model_high, model_low, unique_id=None, vram_budget="off", **swap):
-        from .block_manager import SharedRing
+        from .device_ring import SharedRing
         from .looper_helpers import prepare_model_for_loop
 
         settings, debug, node_id = parse_swap(swap, unique_id)

@@ -130,12 +130,12 @@ Transform = Callable[[str, torch.Tensor], Dict[str, torch.Tensor]]
 
 
 class _Arenas:
-    """Per-group buffers (the block-swap engine's :func:`block_manager.host_arena`) that a group's
+    """Per-group buffers (the block-swap engine's :func:`host_masters.host_arena`) that a group's
     tensors are placed in one after another, at the engine's alignment: the engine adopts such a
     buffer as the group's host master without copying it again."""
 
     def __init__(self, group_of: Callable[[str], Optional[str]], group_bytes: Dict[str, int]):
-        from .block_manager import arena_offset, host_arena
+        from .host_masters import arena_offset, host_arena
 
         self.group_of, self.group_bytes = group_of, group_bytes
         self._alloc, self._step = host_arena, arena_offset
