@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import wan22_blockswap as pack
-from wan22_blockswap import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 try:
     import tomllib
