@@ -20,42 +20,60 @@ from .utils import get_logger
 
 log = get_logger("nodes")
 
-CATEGORY = "WAN22 BlockSwap"
+# One family in the node library and in search: every display name starts with "WAN BlockSwap", the
+# category is "WAN BlockSwap" with loaders/ and looper/ under it. Display names may change between
+# versions (saved graphs store ids); the names of earlier versions stay findable as search aliases.
+CATEGORY = "WAN BlockSwap"
 DISPLAY_NAMES = {
-    "wan22BlockSwap": "WAN 2.2 BlockSwap",
-    "wan22BlockSwapLooperModels": "WAN22 BlockSwap Looper Models",
-    "wan22BlockSwapSequencer": "WAN22 BlockSwap Sequencer",
-    "WAN22BlockSwapLooper": "WAN 2.2 BlockSwap Looper (Loop-Aware)",
-    "wan22BlockSwapLooper": "WAN 2.2 BlockSwap Looper (Loop-Aware, legacy id)",
-    "WANModelLoader": "WAN Model Loader",
-    "WAN22BlockSwapLoader": "WAN BlockSwap Model Loader",
+    "wan22BlockSwap": "WAN BlockSwap",
+    "wan22BlockSwapLooperModels": "WAN BlockSwap Looper Models",
+    "wan22BlockSwapSequencer": "WAN BlockSwap Sequencer",
+    "WAN22BlockSwapLooper": "WAN BlockSwap Looper (Loop-Aware)",
+    "wan22BlockSwapLooper": "WAN BlockSwap Looper (Loop-Aware, old id)",
+    "WANModelLoader": "WAN BlockSwap Model Loader",
+    "WAN22BlockSwapLoader": "WAN BlockSwap Model Loader (swap at load)",
 }
+SEARCH_ALIASES = ["block swap", "blockswap", "offload", "low VRAM", "WAN 2.2", "WAN 2.1"]
+OLD_NAMES = {  # display names of earlier versions
+    "wan22BlockSwap": ["WAN 2.2 BlockSwap"],
+    "wan22BlockSwapLooperModels": ["WAN22 BlockSwap Looper Models", "WanVideoLooper"],
+    "wan22BlockSwapSequencer": ["WAN22 BlockSwap Sequencer", "WanVideoLoraSequencer"],
+    "WAN22BlockSwapLooper": ["WAN 2.2 BlockSwap Looper"],
+    "wan22BlockSwapLooper": ["WAN 2.2 BlockSwap Looper"],
+    "WANModelLoader": ["WAN Model Loader", "load diffusion model", "GGUF"],
+    "WAN22BlockSwapLoader": ["WAN BlockSwap Model Loader", "load diffusion model", "GGUF"],
+}
+
+
+def aliases(node_id: str) -> list:
+    return SEARCH_ALIASES + OLD_NAMES[node_id]
 
 
 def swap_inputs() -> list:
     """The swap settings every node of the pack takes, in this order (saved workflows store widget
-    values by position)."""
+    values by position). ``advanced``: rarely changed; ComfyUI's Nodes 2.0 view and the properties
+    panel fold them under "advanced inputs" (the classic canvas still draws them)."""
     return [
         io.Int.Input("blocks_to_swap", default=20, min=0, max=48, step=1, tooltip=
             "How many transformer blocks live in host RAM and stream to the GPU (the last N). "
             "WAN 1.3B/5B have 30 blocks, 14B/A14B 40; larger values are clamped. More blocks = "
             "less VRAM, more PCIe traffic. 0 = off."),
-        io.Boolean.Input("offload_txt_emb", default=False, tooltip=
+        io.Boolean.Input("offload_txt_emb", advanced=True, default=False, tooltip=
             "Also stream the text embedding (about 0.1 GB for 14B); saves a little VRAM."),
-        io.Boolean.Input("offload_img_emb", default=False, tooltip=
+        io.Boolean.Input("offload_img_emb", advanced=True, default=False, tooltip=
             "Also stream the image (CLIP) embedding of i2v models; no effect on models without one."),
-        io.Boolean.Input("use_non_blocking", default=True, tooltip=
+        io.Boolean.Input("use_non_blocking", advanced=True, default=True, tooltip=
             "Pinned host memory and asynchronous copies on a side stream, overlapped with "
             "compute (fast). Off: pageable memory and synchronous copies (slower; uses no "
             "page-locked RAM)."),
-        io.Int.Input("vace_blocks_to_swap", default=0, min=0, max=15, step=1, tooltip=
+        io.Int.Input("vace_blocks_to_swap", advanced=True, default=0, min=0, max=15, step=1, tooltip=
             "How many VACE blocks stream (the last N; 14B VACE has 8). 0 = none: all VACE "
             "blocks stay on the GPU. Ignored for models without VACE."),
-        io.Int.Input("prefetch_blocks", default=1, min=0, max=40, step=1, tooltip=
+        io.Int.Input("prefetch_blocks", advanced=True, default=1, min=0, max=40, step=1, tooltip=
             "Blocks copied ahead while the current one computes. The GPU holds prefetch + 1 "
             "(at least 2) streamed blocks at a time. 1 is enough when a block computes longer "
             "than it copies; raise it for short clips or low resolutions."),
-        io.Boolean.Input("block_swap_debug", default=False, tooltip=
+        io.Boolean.Input("block_swap_debug", advanced=True, default=False, tooltip=
             "Log a detailed summary after every sampling run: blocks resident/streamed, bytes "
             "moved, prefetch hits, stalls, copy and stall times, peak memory."),
     ]
@@ -138,8 +156,6 @@ def parse_swap(swap: dict, unique_id=None):
 
 MODEL_TOOLTIP = ("A WAN 2.1 / 2.2 diffusion model (t2v, i2v, VACE, 5B, A14B high or low noise expert), "
                  "safetensors or GGUF.")
-DYNAMIC_NOTE = ("Inactive when ComfyUI's Dynamic VRAM is on (it streams weights itself); start ComfyUI "
-                "with --disable-dynamic-vram to use it.")
 
 
 def _node_id(cls) -> Optional[str]:
@@ -155,12 +171,11 @@ class WAN22BlockSwap(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="wan22BlockSwap", display_name=DISPLAY_NAMES["wan22BlockSwap"], category=CATEGORY,
+            node_id="wan22BlockSwap", display_name=DISPLAY_NAMES["wan22BlockSwap"],
+            search_aliases=aliases("wan22BlockSwap"), category=CATEGORY,
             description=(
-                "Streams the chosen WAN 2.1/2.2 transformer blocks from host RAM to the GPU just before they "
-                "run, so 14B models fit 8-16 GB cards. Put it after any model loader (UNETLoader, Unet Loader "
-                "(GGUF), LoRA loaders) and before the sampler. Same outputs as without it; the log and this "
-                "node show what is streamed. " + DYNAMIC_NOTE),
+                "Keeps the chosen WAN 2.1/2.2 transformer blocks in RAM and streams them to the GPU as they "
+                "run: 14B models on 8-16 GB cards, same output."),
             inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *swap_inputs(), budget_input()],
             outputs=[io.Model.Output(tooltip="A clone of the model whose chosen blocks stream from host RAM. "
                                              "The input model and its other clones are unchanged.")],
@@ -186,12 +201,11 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="wan22BlockSwapLooperModels", display_name=DISPLAY_NAMES["wan22BlockSwapLooperModels"],
+            search_aliases=aliases("wan22BlockSwapLooperModels"),
             category=CATEGORY + "/looper",
             description=(
-                "Prepares the WAN 2.2 high-noise and low-noise experts for WanVideoLooper: both stream the "
-                "chosen blocks and share one set of GPU slots, since only one expert computes at a time (the "
-                "idle expert holds no GPU memory for its streamed blocks). Prepared once, reused by every "
-                "loop. " + DYNAMIC_NOTE),
+                "Block swap for both WAN 2.2 A14B experts (WanVideoLooper or two samplers); they share one "
+                "set of GPU slots."),
             inputs=[io.Model.Input("model_high", tooltip="WAN 2.2 high-noise expert (early steps)."),
                     io.Model.Input("model_low", tooltip="WAN 2.2 low-noise expert (late steps)."),
                     *swap_inputs(), budget_input()],
@@ -222,12 +236,11 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="wan22BlockSwapSequencer", display_name=DISPLAY_NAMES["wan22BlockSwapSequencer"],
+            search_aliases=aliases("wan22BlockSwapSequencer"),
             category=CATEGORY + "/looper",
             description=(
-                "Prepares WanVideoLoraSequencer's model_clip_sequence for WanVideoLooper: every model of every "
-                "segment streams the chosen blocks (each distinct model prepared once, all sharing one set of "
-                "GPU slots); empty segments and clips pass through unchanged. Malformed entries stop with an "
-                "error instead of being skipped. " + DYNAMIC_NOTE),
+                "Block swap for every model in WanVideoLoraSequencer's model_clip_sequence; one shared set "
+                "of GPU slots."),
             inputs=[ANY.Input("model_clip_sequence", tooltip=
                         "WanVideoLoraSequencer's output: a list of (model_high, model_low, clip) per segment."),
                     *swap_inputs(), budget_input()],
@@ -254,18 +267,14 @@ class _LoopAware(io.ComfyNode):
     """The original pack's loop-aware looper node, registered under two ids (below). Never registered
     itself: ComfyUI caches schema values per class on first use, and a subclass would read a parent's."""
 
-    NODE_ID = None
+    NODE_ID = DESCRIPTION_TEXT = None
     DEPRECATED_ID = False
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id=cls.NODE_ID, display_name=DISPLAY_NAMES[cls.NODE_ID], category=CATEGORY + "/looper",
-            description=(
-                "For graphs built for the original pack's loop-aware looper node: takes a list of models, or of "
-                "(model_high, model_low, clip) segments, and returns the same list with every model prepared "
-                "for block swap (prepared once, one shared set of GPU slots). New graphs: use WAN22 BlockSwap "
-                "Looper Models or WAN22 BlockSwap Sequencer. " + DYNAMIC_NOTE),
+            node_id=cls.NODE_ID, display_name=DISPLAY_NAMES[cls.NODE_ID], search_aliases=aliases(cls.NODE_ID), category=CATEGORY + "/looper",
+            description=cls.DESCRIPTION_TEXT,
             inputs=[ANY.Input("models_list", tooltip=
                         "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."),
                     *swap_inputs(), budget_input()],
@@ -293,6 +302,8 @@ class _LoopAware(io.ComfyNode):
 
 class WAN22BlockSwapLooper(_LoopAware):
     NODE_ID = "WAN22BlockSwapLooper"
+    DESCRIPTION_TEXT = ("For graphs from the original pack: a list of models or (high, low, clip) segments in, "
+                        "the same list with block swap out.")
 
 
 class WAN22BlockSwapLooperLegacy(_LoopAware):
@@ -303,6 +314,8 @@ class WAN22BlockSwapLooperLegacy(_LoopAware):
 
     NODE_ID = "wan22BlockSwapLooper"
     DEPRECATED_ID = True
+    DESCRIPTION_TEXT = ("The Loop-Aware looper under the original pack's id, so old graphs load. New graphs: "
+                        "WAN BlockSwap Looper Models or Sequencer.")
 
 
 def loader_inputs() -> list:
@@ -323,11 +336,11 @@ def loader_inputs() -> list:
             "A WAN 2.1 / 2.2 GGUF model from models/diffusion_models or models/unet; it stays "
             "quantized in memory and is dequantized on the GPU as each layer runs. Used when "
             "model_type is gguf."),
-        io.Combo.Input("wan_version", options=list(WAN_VERSIONS), default="auto", tooltip=
+        io.Combo.Input("wan_version", advanced=True, options=list(WAN_VERSIONS), default="auto", tooltip=
             "auto: detected from the tensor shapes. 2.1 / 2.2: also checks the file is that version "
             "(an error if it is not). A 14B t2v file fits both: WAN 2.2 A14B experts have the 2.1 "
             "14B architecture."),
-        io.Combo.Input("model_variant", options=list(WAN_VARIANTS), default="auto", tooltip=
+        io.Combo.Input("model_variant", advanced=True, options=list(WAN_VARIANTS), default="auto", tooltip=
             "auto: detected from the file's keys and shapes. Anything else is checked against the "
             "file (an error if it disagrees)."),
         io.Combo.Input("fp8_optimization", options=list(FP8_CHOICES), default="disabled", tooltip=
@@ -336,7 +349,7 @@ def loader_inputs() -> list:
             "weights' memory and the bytes block swap moves; they are dequantized on the GPU at use, "
             "so it saves memory, not time. e4m3fn is more precise than e5m2. Ignored for weights "
             "that are already fp8 or GGUF-quantized."),
-        io.Combo.Input("weight_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=
+        io.Combo.Input("weight_dtype", advanced=True, options=list(DTYPE_CHOICES), default="auto", tooltip=
             "dtype of the unquantized weights. auto: ComfyUI's choice for this GPU and file (as "
             "UNETLoader). fp16/bf16/fp32 force one; an error if the GPU cannot run it."),
     ]
@@ -349,22 +362,19 @@ def _load(model_type, safetensors_model, gguf_model, for_swap=False, **choices):
     return load_wan_model(path, model_type=model_type, for_swap=for_swap, **choices)
 
 
-LOADER_NOTE = ("It returns a classic ModelPatcher, so block swap works on it even while ComfyUI's "
-               "Dynamic VRAM is on.")
 
 
 class WANModelLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="WANModelLoader", display_name=DISPLAY_NAMES["WANModelLoader"], category=CATEGORY + "/loaders",
+            node_id="WANModelLoader", display_name=DISPLAY_NAMES["WANModelLoader"],
+            search_aliases=aliases("WANModelLoader"), category=CATEGORY + "/loaders",
             description=(
-                "Loads a WAN 2.1 / 2.2 diffusion model from .safetensors (fp16/bf16/fp8) or .gguf (Q8_0 ... "
-                "Q2_K, kept quantized). ComfyUI's own detection builds the model; the node shows the "
-                "detected version, variant, block count, dims and dtypes. Optional fp8 storage of the block "
-                "matrices. " + LOADER_NOTE),
+                "Loads a WAN 2.1/2.2 .safetensors or .gguf diffusion model; block swap works on it even with "
+                "ComfyUI's Dynamic VRAM on."),
             inputs=loader_inputs(),
-            outputs=[io.Model.Output(tooltip="The WAN diffusion model; chain WAN 2.2 BlockSwap, LoRA loaders and "
+            outputs=[io.Model.Output(tooltip="The WAN diffusion model; chain WAN BlockSwap, LoRA loaders and "
                                              "samplers after it.")],
             hidden=[io.Hidden.unique_id])
 
@@ -390,12 +400,11 @@ class WAN22BlockSwapLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="WAN22BlockSwapLoader", display_name=DISPLAY_NAMES["WAN22BlockSwapLoader"], category=CATEGORY + "/loaders",
+            node_id="WAN22BlockSwapLoader", display_name=DISPLAY_NAMES["WAN22BlockSwapLoader"],
+            search_aliases=aliases("WAN22BlockSwapLoader"), category=CATEGORY + "/loaders",
             description=(
-                "WAN Model Loader and WAN 2.2 BlockSwap in one: the blocks chosen for swapping are read into "
-                "host RAM and packed into their (pinned) host copies at load, still quantized for GGUF, and "
-                "never touch the GPU; the rest loads normally when the sampler runs. ComfyUI's memory "
-                "accounting is right from the start. " + LOADER_NOTE),
+                "Loads a WAN 2.1/2.2 model with block swap: the streamed blocks go from the file to RAM and "
+                "never touch the GPU."),
             inputs=[*loader_inputs(), *swap_inputs(), budget_input()],
             outputs=[io.Model.Output(tooltip="The WAN model with the chosen blocks streaming from host RAM.")],
             hidden=[io.Hidden.unique_id])
