@@ -106,8 +106,8 @@ def free_device_bytes(patcher) -> Optional[int]:
 
 
 def apply_budget(patcher, settings, choice: str):
-    """``settings`` with blocks_to_swap chosen for ``choice`` (unchanged for "off"), and the line
-    that explains it ("" for "off")."""
+    """``settings`` with blocks_to_swap chosen for ``choice`` (unchanged for "off"), and the node's
+    lines about the choice ("" for "off"; the log has the explanation, see budget.auto_blocks_for)."""
     from dataclasses import replace
 
     from .budget import auto_blocks_for
@@ -119,9 +119,11 @@ def apply_budget(patcher, settings, choice: str):
                                  free_device_bytes(patcher), prefetch_blocks=settings.prefetch_blocks)
     except ValueError as e:  # auto without a GPU
         raise ValueError(f"vram_budget {choice!r}: {e}") from e
-    text = result.explanation
-    if not result.fits:
-        text = "WARNING: " + text
+    if result.fits:
+        text = f"vram_budget: {choice}\nchose {result.blocks_to_swap} of {result.num_blocks} blocks to swap"
+    else:
+        text = (f"WARNING: vram_budget {choice} is too small even with all {result.num_blocks} blocks "
+                "swapped (see the log)")
         log.warning("block swap: %s", result.explanation)
     return replace(settings, blocks_to_swap=result.blocks_to_swap), text
 
@@ -192,7 +194,7 @@ class WAN22BlockSwap(io.ComfyNode):
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = apply_budget(model, settings, vram_budget)
         out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id)
-        send_node_text(node_id, f"{why}\n{text}" if why else text)
+        send_node_text(node_id, f"{text}\n{why}" if why else text)
         return (out,)
 
 
@@ -355,6 +357,13 @@ def loader_inputs() -> list:
     ]
 
 
+def loaded_text(info, file_name: str) -> str:
+    """The loaders' node lines: what the file is (the log line has dims, stored types, dtypes)."""
+    blocks = f"{info.num_blocks} blocks" + (f" + {info.num_vace_blocks} VACE" if info.num_vace_blocks else "")
+    name = file_name.replace("\\", "/").rsplit("/", 1)[-1]  # the file, not its sub-folder in the list
+    return f"WAN {info.version} {info.size} {info.variant}, {blocks}\n{name}"
+
+
 def _load(model_type, safetensors_model, gguf_model, for_swap=False, **choices):
     from .model_loader import load_wan_model, resolve_model_file
 
@@ -389,10 +398,11 @@ class WANModelLoader(io.ComfyNode):
              fp8_optimization, weight_dtype, unique_id=None):
         from .callbacks import send_node_text
 
-        patcher, _info, text = _load(model_type, safetensors_model, gguf_model, wan_version=wan_version,
+        patcher, info, _text = _load(model_type, safetensors_model, gguf_model, wan_version=wan_version,
                                      model_variant=model_variant, fp8_optimization=fp8_optimization,
                                      weight_dtype=weight_dtype)
-        send_node_text(str(unique_id) if unique_id is not None else None, text)
+        send_node_text(str(unique_id) if unique_id is not None else None,
+                       loaded_text(info, safetensors_model if model_type == "safetensors" else gguf_model))
         return (patcher,)
 
 
@@ -427,13 +437,14 @@ class WAN22BlockSwapLoader(io.ComfyNode):
             return plan_for(diffusion_model, settings)[2].units
 
         # With vram_budget the count depends on the loaded sizes: those blocks are repacked once.
-        patcher, _info, text = _load(model_type, safetensors_model, gguf_model, for_swap=True,
+        patcher, info, _text = _load(model_type, safetensors_model, gguf_model, for_swap=True,
                                      wan_version=wan_version, model_variant=model_variant,
                                      fp8_optimization=fp8_optimization, weight_dtype=weight_dtype,
                                      host_groups=streamed_units if vram_budget in (None, "off") else None)
         settings, why = apply_budget(patcher, settings, vram_budget)
         out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True)
-        send_node_text(node_id, "\n".join(t for t in (text, why, swap_text) if t))
+        loaded = loaded_text(info, safetensors_model if model_type == "safetensors" else gguf_model)
+        send_node_text(node_id, "\n".join(t for t in (swap_text, why, loaded) if t))
         return (out,)
 
 
