@@ -391,3 +391,50 @@ def test_run_a_tiny_graph_and_read_the_readout(clean, server):
     # visible: the line box may reach into the box's bottom padding by a pixel or two (its glyphs end
     # 2 px above the line box's bottom at the front end's 12 px / 16 px line height)
     assert shown["lines"][1]["bottom"] <= shown["bottom"] + 2, "the run's line is not visible at the default size"
+
+
+ADVANCED = ("offload_txt_emb", "offload_img_emb", "use_non_blocking", "vace_blocks_to_swap", "prefetch_blocks",
+            "block_swap_debug", "wan_version", "model_variant", "weight_dtype")
+
+
+@pytest.fixture
+def nodes2(clean):
+    """The front end's Nodes 2.0 view (Vue-rendered nodes), which folds advanced inputs away."""
+    clean.js("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', true); }")
+    yield clean
+    clean.js("async () => { await window.app.extensionManager.setting.set('Comfy.VueNodes.Enabled', false); }")
+
+
+def test_nodes2_view_folds_the_advanced_inputs_and_keeps_the_layout(nodes2, server):
+    ui = nodes2
+    ids = ui.js("""() => ['wan22BlockSwap', 'WAN22BlockSwapLoader'].map((t, i) => {
+        const n = window.LiteGraph.createNode(t); window.app.graph.add(n); n.pos = [100 + 500 * i, 100]; return n.id; })""")
+    texts = {}
+    for nid in ids:
+        el = ui.page.locator(f'[data-node-id="{nid}"]')
+        el.get_by_text("vram_budget").first.wait_for(timeout=20000)  # widgets render after the node's frame
+        texts[nid] = el.inner_text()
+    swap, loader = (texts[i] for i in ids)
+    for text, shown in ((swap, ("blocks_to_swap", "vram_budget")),
+                        (loader, ("model_type", "safetensors_model", "gguf_model", "fp8_optimization",
+                                  "blocks_to_swap", "vram_budget"))):
+        assert all(name in text for name in shown) and "Show advanced inputs" in text, text
+        assert not [name for name in ADVANCED if name in text], text
+    ui.screenshot("nodes2_advanced_folded", fit=False)
+    for path in WORKFLOWS:
+        workflow = json.loads(path.read_text())
+        if any(n["type"] == "UnetLoaderGGUF" for n in workflow["nodes"]) and "ComfyUI-GGUF" not in server["packs"]:
+            continue
+        ui.js("() => window.app.graph.clear()")
+        ui.load(workflow)
+        count = len(workflow["nodes"])
+        ui.page.wait_for_function("(n) => document.querySelectorAll('[data-node-id]').length === n", arg=count,
+                                  timeout=20000)
+        boxes = ui.js("""() => Array.from(document.querySelectorAll('[data-node-id]')).map(e => {
+            const r = e.getBoundingClientRect(); return [e.innerText.split('\\n')[0], [r.left, r.top, r.width, r.height]]; })""")
+        for i, (name_a, a) in enumerate(boxes):
+            for name_b, b in boxes[i + 1:]:
+                assert not _overlap(a, b), f"{path.name} (Nodes 2.0): {name_a} overlaps {name_b}"
+        if path.stem == "wan22_a14b_t2v_highlow_blockswap":
+            ui.dismiss_overlays()
+            ui.screenshot(f"nodes2_workflow_{path.stem}")
