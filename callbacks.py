@@ -51,8 +51,8 @@ import torch
 from torch import nn
 
 from .block_manager import BlockSwapEngine, SharedRing, check_streamable, packed_bytes
-from .readout import plan_lines
 from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
+from .readout import plan_lines
 from .utils import (VRAM_LIMIT, __version__, device_name, device_total_memory, format_bytes, get_logger,
                     host_available_bytes, host_ram_message, pin_budget_message, trace_directory,
                     vram_message, write_trace)
@@ -442,8 +442,8 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
                      ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = ()):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
     ``(model, text)`` with a description of what was done for the node's readout (the plan in short
-    lines, then a line per pre-flight warning; the log gets the long form). ``pack_masters``: copy the streamed units into their host masters
-    now, not at the first run. ``others``: block-swap clones the same node prepared before this one
+    lines, then a line per pre-flight warning; the log gets the long form). ``pack_masters``: copy the
+    streamed units into their host masters now, not at the first run. ``others``: block-swap clones the same node prepared before this one
     (the looper nodes): nothing of theirs is packed yet, so the host RAM check covers them too.
 
     Raises :class:`BlockSwapError` before anything is changed (no clone, no engine) when the

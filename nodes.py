@@ -211,8 +211,10 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
             inputs=[io.Model.Input("model_high", tooltip="WAN 2.2 high-noise expert (early steps)."),
                     io.Model.Input("model_low", tooltip="WAN 2.2 low-noise expert (late steps)."),
                     *swap_inputs(), budget_input()],
-            outputs=[io.Model.Output("model_high", tooltip="The high-noise expert, ready for WanVideoLooper's model_high."),
-                     io.Model.Output("model_low", tooltip="The low-noise expert, ready for WanVideoLooper's model_low.")],
+            outputs=[io.Model.Output("model_high",
+                                     tooltip="The high-noise expert, ready for WanVideoLooper's model_high."),
+                     io.Model.Output("model_low",
+                                     tooltip="The low-noise expert, ready for WanVideoLooper's model_low.")],
             hidden=[io.Hidden.unique_id])
 
     @classmethod
@@ -275,7 +277,8 @@ class _LoopAware(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id=cls.NODE_ID, display_name=DISPLAY_NAMES[cls.NODE_ID], search_aliases=aliases(cls.NODE_ID), category=CATEGORY + "/looper",
+            node_id=cls.NODE_ID, display_name=DISPLAY_NAMES[cls.NODE_ID], search_aliases=aliases(cls.NODE_ID),
+            category=CATEGORY + "/looper",
             description=cls.DESCRIPTION_TEXT,
             inputs=[ANY.Input("models_list", tooltip=
                         "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."),

@@ -93,7 +93,8 @@ def server(tmp_path_factory):
     (tmp / "user" / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS))
     # Only this pack, the test helpers and ComfyUI-GGUF (when installed): another copy of the pack in
     # custom_nodes would register the same node ids.
-    packs = ["wan22_blockswap", "test_helpers"] + [p for p in ("ComfyUI-GGUF",) if (comfy / "custom_nodes" / p).is_dir()]
+    packs = ["wan22_blockswap", "test_helpers"]
+    packs += [p for p in ("ComfyUI-GGUF",) if (comfy / "custom_nodes" / p).is_dir()]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -189,7 +190,8 @@ def ui(server, tmp_path_factory):
         page = Page(context.pages[0] if context.pages else context.new_page(), server["base"])
         page.page.goto(server["base"])
         page.page.wait_for_function(
-            "() => window.app && window.app.graph && window.LiteGraph && window.LiteGraph.registered_node_types['wan22BlockSwap']",
+            "() => window.app && window.app.graph && window.LiteGraph"
+            " && window.LiteGraph.registered_node_types['wan22BlockSwap']",
             timeout=120000)
         yield page
         context.close()
@@ -215,8 +217,8 @@ def _overlap(a, b):
 
 def _layout(ui):
     return ui.js("""() => ({
-        nodes: window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title, box: Array.from(n.getBounding()),
-                                                  registered: n.type in window.LiteGraph.registered_node_types})),
+        nodes: window.app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title,
+            box: Array.from(n.getBounding()), registered: n.type in window.LiteGraph.registered_node_types})),
         groups: window.app.graph._groups.map(g => ({title: g.title, box: Array.from(g._bounding)}))})""")
 
 
@@ -376,8 +378,9 @@ def test_run_a_tiny_graph_and_read_the_readout(clean, server):
         const span = box.querySelector('span') || box;
         const nodes = Array.from(span.childNodes).filter(n => n.nodeType === 3);
         const lines = nodes.map(t => { const r = document.createRange(); r.selectNodeContents(t);
-            const rects = Array.from(r.getClientRects()); return {text: t.textContent, rows: new Set(rects.map(x => Math.round(x.top))).size,
-            bottom: Math.max(...rects.map(x => x.bottom))}; });
+            const rects = Array.from(r.getClientRects());
+            return {text: t.textContent, rows: new Set(rects.map(x => Math.round(x.top))).size,
+                    bottom: Math.max(...rects.map(x => x.bottom))}; });
         const b = box.getBoundingClientRect();
         return {text: box.innerText, lines: lines, bottom: b.bottom, width: b.width};
     }""", value)
@@ -408,7 +411,8 @@ def nodes2(clean):
 def test_nodes2_view_folds_the_advanced_inputs_and_keeps_the_layout(nodes2, server):
     ui = nodes2
     ids = ui.js("""() => ['wan22BlockSwap', 'WAN22BlockSwapLoader'].map((t, i) => {
-        const n = window.LiteGraph.createNode(t); window.app.graph.add(n); n.pos = [100 + 500 * i, 100]; return n.id; })""")
+        const n = window.LiteGraph.createNode(t); window.app.graph.add(n); n.pos = [100 + 500 * i, 100];
+        return n.id; })""")
     texts = {}
     for nid in ids:
         el = ui.page.locator(f'[data-node-id="{nid}"]')
@@ -431,7 +435,8 @@ def test_nodes2_view_folds_the_advanced_inputs_and_keeps_the_layout(nodes2, serv
         ui.page.wait_for_function("(n) => document.querySelectorAll('[data-node-id]').length === n", arg=count,
                                   timeout=20000)
         boxes = ui.js("""() => Array.from(document.querySelectorAll('[data-node-id]')).map(e => {
-            const r = e.getBoundingClientRect(); return [e.innerText.split('\\n')[0], [r.left, r.top, r.width, r.height]]; })""")
+            const r = e.getBoundingClientRect();
+            return [e.innerText.split('\\n')[0], [r.left, r.top, r.width, r.height]]; })""")
         for i, (name_a, a) in enumerate(boxes):
             for name_b, b in boxes[i + 1:]:
                 assert not _overlap(a, b), f"{path.name} (Nodes 2.0): {name_a} overlaps {name_b}"
