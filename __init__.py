@@ -1,10 +1,19 @@
 """WAN 2.2 BlockSwap: ComfyUI custom nodes that stream WAN transformer blocks from host RAM.
 
-Exports the node mappings only. Importing the pack does no work beyond defining classes: no
-ComfyUI imports at module level, no torch allocations, no logging configuration.
+ComfyUI (v0.28) loads a V3 node pack through ``comfy_entrypoint``: it awaits it, then registers the
+classes of the returned extension's ``get_node_list()``. Importing the pack itself does no work:
+``nodes`` (and with it ComfyUI's ``comfy_api``) is imported only when ComfyUI calls the entry point, so
+the demo and the benchmarks import the pack outside ComfyUI. No torch allocations, no logging
+configuration.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-WEB_DIRECTORY = "./web"  # web/docs/<node id>.md: the help page ComfyUI's front end shows per node
+WEB_DIRECTORY = "./web"  # web/docs/<node id>/en.md: the help page ComfyUI's front end shows per node
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+
+async def comfy_entrypoint():
+    from .nodes import BlockSwapExtension
+
+    return BlockSwapExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -59,6 +59,7 @@ from .block_manager import BlockSwapEngine
 from .device_ring import SharedRing
 from .host_masters import check_streamable, packed_bytes
 from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
+from .readout import plan_lines
 from .utils import (VRAM_LIMIT, __version__, as_device, device_name, device_total_memory, format_bytes, get_logger,
                     host_available_bytes, host_ram_message, pin_budget_message, trace_directory,
                     vram_message, write_trace)
@@ -128,6 +129,9 @@ class SwapController:
         self._patcher_ref = None
         self._slot_patches: Dict[str, list] = {}  # unit -> patched keys, see _set_weight_patches
         self._attached: List[str] = []  # GGUF keys whose tensors carry our attached patches
+        # the node readout's plan lines and warnings, shown again with every run's figures
+        self.readout_plan: List[str] = []
+        self.readout_notes: List[str] = []
 
     # ------------------------------------------------------------------ installation
     def install(self, patcher) -> None:
@@ -345,18 +349,20 @@ class SwapController:
             engine.after_unit(index)
 
     def on_cleanup(self, patcher) -> None:
-        from .looper_helpers import cleanup_loop_blockswap
+        from .looper_helpers import cleanup_loop_blockswap, format_run_text
+        from .readout import node_text
 
         engine = self.engine()
         if engine is None or not engine.is_setup:
             return
-        text = cleanup_loop_blockswap(engine, patcher.load_device)
-        log.info("%s", text)
+        figures = cleanup_loop_blockswap(engine, patcher.load_device)
+        log.info("%s", format_run_text(figures))
         if self.debug:
             t = engine.tracker
             log.info("block swap run detail: %s\n%s", t.format_summary(), t.format_units())
             self._write_trace(engine, patcher)
-        send_node_text(self.node_id, text)
+        # the front end replaces a node's text with each message: the plan goes with every run's figures
+        send_node_text(self.node_id, node_text(self.readout_plan, figures, self.readout_notes))
 
     def _write_trace(self, engine: BlockSwapEngine, patcher) -> None:
         """The debug trace file; a trace that cannot be written is a warning, never a failed run."""
@@ -426,9 +432,13 @@ def is_gguf_quantized(param) -> bool:
 
 
 def send_node_text(node_id: Optional[str], text: str) -> None:
-    """Show ``text`` on the node in the ComfyUI front end, where a server runs."""
+    """Show ``text`` on the node in the ComfyUI front end, where a server runs, in lines that fit the
+    node (:func:`readout.fit`); the log has the long form."""
+    from .readout import fit
+
     if not node_id:
         return
+    text = fit(text)
     try:
         from server import PromptServer
     except ImportError:
@@ -492,9 +502,9 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
                      ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = (),
                      dynamic_vram: str = PASS_THROUGH):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
-    ``(model, text)`` with a description of what was done for the node's readout (one line, plus a
-    line per pre-flight warning). ``pack_masters``: copy the streamed units into their host masters
-    now, not at the first run. ``others``: block-swap clones the same node prepared before this one
+    ``(model, text)`` with a description of what was done for the node's readout (the plan in short
+    lines, then a line per pre-flight warning; the log gets the long form). ``pack_masters``: copy the
+    streamed units into their host masters now, not at the first run. ``others``: block-swap clones the same node prepared before this one
     (the looper nodes): nothing of theirs is packed yet, so the host RAM check covers them too.
     ``dynamic_vram``: what to do with a Dynamic VRAM patcher (:data:`DYNAMIC_VRAM_CHOICES`; see
     :func:`classic_copy`).
@@ -545,7 +555,15 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
             + ("; pinned async copies" if settings.use_non_blocking and patcher.load_device.type == "cuda"
                else "; synchronous copies"))
     log.info("%s", text)
-    return clone, "\n".join([text, *notes])
+    # the node gets short lines (readout.py); the log line above has it all
+    controller.readout_plan = plan_lines(
+        streamed_blocks=plan.block_indices, num_blocks=layout.num_blocks, vace_streamed=plan.vace_indices,
+        num_vace_blocks=layout.num_vace_blocks,
+        other_units=[u for u in plan.units if not u.startswith(("blocks.", "vace_blocks."))],
+        slots=plan.slots, slot_bytes=controller.ring_bytes() // plan.slots,
+        async_copies=settings.use_non_blocking and patcher.load_device.type == "cuda")
+    controller.readout_notes = list(notes)
+    return clone, "\n".join([*controller.readout_plan, *notes])
 
 
 # ---------------------------------------------------------------------------------------------------

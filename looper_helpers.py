@@ -43,7 +43,7 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
     segments is prepared once and every segment gets the same clone; the host RAM check counts the
     models in it together (none of them has run yet); the node shows the texts of all of them.
     ``ring`` shares device slots with the other models of the pipeline. ``note`` (e.g. the
-    vram_budget explanation) heads the node's text.
+    vram_budget choice) follows the plan in the node's text.
     """
     if model is None:
         return None
@@ -58,22 +58,23 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
     clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others)
     if debug:
         log.info("looper: %s", text)
-    head = [note] if note else []
+    tail = [note] if note else []  # the plan comes first: the node shows its first lines
     if prepared is None:
-        send_node_text(node_id, "\n".join(head + [text]))
+        send_node_text(node_id, "\n".join([text] + tail))
         return clone
     prepared[id(model)] = (model, clone, text)  # keeps `model` alive so its id cannot be reused
     # One node shows one text: every model prepared so far, identical descriptions once.
-    send_node_text(node_id, "\n".join(head + list(dict.fromkeys(entry[2] for entry in prepared.values()))))
+    send_node_text(node_id, "\n".join(list(dict.fromkeys(entry[2] for entry in prepared.values())) + tail))
     return clone
 
 
-def cleanup_loop_blockswap(engine: BlockSwapEngine, device=None) -> str:
+def cleanup_loop_blockswap(engine: BlockSwapEngine, device=None) -> Dict[str, Any]:
     """After a sampler call: evict anything still bound to a slot (an interrupted run), read the
-    finished timing events, and return the run's summary for the log and the node (two lines).
-    Masters, patch routing and the ring stay: the next loop needs them."""
+    finished timing events, and return the run's figures (:func:`run_figures`: the log's
+    :func:`format_run_text`, the node's ``readout.node_text``). Masters, patch routing and the ring
+    stay: the next loop needs them."""
     engine.end_run()
-    return format_run_text(run_figures(engine, device))
+    return run_figures(engine, device)
 
 
 def run_figures(engine: BlockSwapEngine, device=None) -> Dict[str, Any]:
@@ -107,7 +108,7 @@ def run_figures(engine: BlockSwapEngine, device=None) -> Dict[str, Any]:
 
 
 def format_run_text(f: Mapping[str, Any]) -> str:
-    """Two short lines from :func:`run_figures`: streaming, then memory."""
+    """Two lines for the log from :func:`run_figures`: streaming, then memory."""
     copies = (f"copy {f['copy_ms']:.1f} ms, stall {f['stall_ms']:.1f} ms ({f['stalls']} stalls)"
               if f["overlapped_copies"] else f"copy {f['copy_ms']:.1f} ms, synchronous (all stall)")
     line1 = (f"Block swap run: {f['streamed_units']} units streamed, {f['resident_blocks']} blocks resident; "

@@ -26,8 +26,9 @@ def test_budget_input_is_optional_on_every_swap_node():
                     "WAN22BlockSwapLooper", "wan22BlockSwapLooper", "WAN22BlockSwapLoader"):
         types = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
         assert "vram_budget" not in types["required"]  # saved graphs without it still validate
-        choices, opts = types["optional"]["vram_budget"]
-        assert tuple(choices) == AUTO_CHOICES and opts["default"] == "off" and opts["tooltip"]
+        typ, opts = types["optional"]["vram_budget"]  # a V3 combo: ("COMBO", {"options": [...], ...})
+        assert typ == "COMBO" and tuple(opts["options"]) == AUTO_CHOICES
+        assert opts["default"] == "off" and opts["tooltip"]
 
 
 def test_preset_replaces_blocks_to_swap_and_explains(monkeypatch):

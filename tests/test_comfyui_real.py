@@ -206,7 +206,8 @@ def test_pack_loaders_over_the_api(server):
     models = comfy / "models" / "diffusion_models"
     write_tiny_gguf(str(models / PACK_GGUF), load_file(str(models / MODEL)))
     info = _req(server["base"], "/object_info/WANModelLoader")["WANModelLoader"]["input"]["required"]
-    assert MODEL in info["safetensors_model"][0] and PACK_GGUF in info["gguf_model"][0]
+    # V3 combos: ("COMBO", {"options": [...]})
+    assert MODEL in info["safetensors_model"][1]["options"] and PACK_GGUF in info["gguf_model"][1]["options"]
     swap_inputs = dict(_swap(5)[1], vram_budget="off")
     tag = f"loaders{uuid.uuid4().hex[:6]}"
     _run(server, _graph(f"{tag}_core", {"plain": [], "lora": [LORA_NODE]}))

@@ -276,8 +276,8 @@ def test_loader_nodes_list_files_and_load(model_dir):
     (model_dir / "sub").mkdir()
     write_gguf(model_dir / "sub", sd, name="b.gguf")
     inputs = NODE_CLASS_MAPPINGS["WANModelLoader"].INPUT_TYPES()["required"]
-    assert inputs["safetensors_model"][0] == ["none", "a.safetensors"]
-    assert inputs["gguf_model"][0] == ["none", "sub/b.gguf"]
+    assert inputs["safetensors_model"][1]["options"] == ["none", "a.safetensors"]  # V3 combo form
+    assert inputs["gguf_model"][1]["options"] == ["none", "sub/b.gguf"]
     assert list(inputs) == ["model_type", "safetensors_model", "gguf_model", "wan_version", "model_variant",
                             "fp8_optimization", "weight_dtype"]
     assert all("tooltip" in spec[1] for spec in inputs.values())

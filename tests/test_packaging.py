@@ -1,7 +1,7 @@
 """Packaging: what the Comfy Registry, ComfyUI-Manager and ComfyUI's front end need, kept in step
 with the code. Fast, offline, no ComfyUI needed.
 
-Help pages (web/docs/<node id>.md) are checked against nodes.NODE_CLASS_MAPPINGS, never against a
+Help pages (web/docs/<node id>/en.md, copied to web/docs/<node id>.md) are checked against nodes.NODE_CLASS_MAPPINGS, never against a
 list kept here: every node has a page naming it and each of its inputs, every page has a node.
 (The pages for ``WANModelLoader`` and ``WAN22BlockSwapLoader`` were written while those nodes were
 being built; test_every_help_page_belongs_to_a_node is what tied them to the registered ids.)
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import wan22_blockswap as pack
-from wan22_blockswap import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 try:
     import tomllib
@@ -81,25 +81,48 @@ def _input_names(cls) -> list:
 
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
 def test_every_node_has_a_help_page(node_id):
-    page = DOCS / f"{node_id}.md"
-    assert page.is_file(), (f"no help page for node {node_id!r}: write web/docs/{node_id}.md (ComfyUI's "
-                            "front end shows web/docs/<node id>.md as the node's help)")
+    """ComfyUI's front end (1.45) asks a custom node pack for ``docs/<node id>/<locale>.md`` first and
+    falls back to ``docs/<node id>.md``: the English page is where it looks first (no 404 in the
+    console), the flat copy serves every other locale, and both say the same."""
+    page = DOCS / node_id / "en.md"
+    assert page.is_file(), (f"no help page for node {node_id!r}: write web/docs/{node_id}/en.md (ComfyUI's "
+                            "front end shows web/docs/<node id>/<locale>.md as the node's help)")
+    fallback = DOCS / f"{node_id}.md"
+    assert fallback.is_file() and fallback.read_bytes() == page.read_bytes(), (
+        f"web/docs/{node_id}.md (the page for other locales) must be a copy of web/docs/{node_id}/en.md")
 
 
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
 def test_help_page_names_the_node_and_every_input(node_id):
-    page = DOCS / f"{node_id}.md"
+    page = DOCS / node_id / "en.md"
     if not page.is_file():
         pytest.skip("no page (test_every_node_has_a_help_page fails)")
     text = page.read_text(encoding="utf-8")
     display = NODE_DISPLAY_NAME_MAPPINGS.get(node_id, node_id)
-    assert display in text, f"web/docs/{node_id}.md does not name the node as ComfyUI shows it: {display!r}"
+    assert display in text, f"web/docs/{node_id}/en.md does not name the node as ComfyUI shows it: {display!r}"
     missing = [n for n in _input_names(NODE_CLASS_MAPPINGS[node_id]) if f"`{n}`" not in text]
-    assert not missing, f"web/docs/{node_id}.md does not describe the inputs {missing} (as `name`)"
+    assert not missing, f"web/docs/{node_id}/en.md does not describe the inputs {missing} (as `name`)"
+
+
+@pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
+def test_help_page_fits_the_panel(node_id):
+    """The help panel is about 280 px wide at its default size (front end 1.45): narrower than any table
+    of input names and meanings (a table is as wide as its columns' longest unbreakable words, e.g.
+    `vace_blocks_to_swap` plus `blocks_to_swap`). So inputs are a list, and no word is wider than the
+    panel (tests/test_browser.py measures the rendered page)."""
+    import re
+
+    text = (DOCS / node_id / "en.md").read_text(encoding="utf-8")
+    assert not [line for line in text.splitlines() if line.startswith("|")], f"web/docs/{node_id}/en.md has a table"
+    assert re.search(r"^- \*\*`blocks_to_swap`\*\*|^- \*\*`model_type`\*\*", text, re.M), "the inputs list"
+    shown = re.sub(r"\]\([^)]*\)", "]", text)  # a link shows its text, not its address
+    long_words = [w for w in re.findall(r"`[^`]*`|\S+", shown) if " " not in w and len(w.strip("`*.,:;()[]")) > 30]
+    assert not long_words, f"web/docs/{node_id}/en.md: words too wide for the panel: {long_words}"
 
 
 def test_every_help_page_belongs_to_a_node():
-    orphans = sorted(p.stem for p in DOCS.glob("*.md") if p.stem not in NODE_CLASS_MAPPINGS)
+    pages = {p.stem for p in DOCS.glob("*.md")} | {p.parent.name for p in DOCS.glob("*/*.md")}
+    orphans = sorted(pages - set(NODE_CLASS_MAPPINGS))
     assert not orphans, (
         f"help pages without a node of that id in nodes.NODE_CLASS_MAPPINGS: {orphans}. Register the "
         "node under exactly that id, or rename/remove the page.")
@@ -130,7 +153,7 @@ def test_pack_exports_the_web_directory():
 # ---------------------------------------------------------------------------------- .comfyignore
 KEPT = ["__init__.py", "nodes.py", "callbacks.py", "block_manager.py", "config.py", "utils.py",
         "looper_helpers.py", "gguf_reader.py", "gguf_dequant.py", "README.md", "LICENSE",
-        "pyproject.toml", "requirements.txt", "web/docs/wan22BlockSwap.md", "web/icon.svg",
+        "pyproject.toml", "requirements.txt", "web/docs/wan22BlockSwap/en.md", "web/docs/wan22BlockSwap.md", "web/icon.svg",
         "workflows/wan21_14b_t2v_blockswap.json", "docs/BENCHMARKS.md"]
 
 
@@ -224,13 +247,41 @@ def test_readme_install_command_uses_the_registry_name():
 
 
 def test_every_node_is_described_and_every_input_and_output_has_a_tooltip():
-    from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
     for node_id, cls in NODE_CLASS_MAPPINGS.items():
-        assert cls.CATEGORY.startswith("WAN22 BlockSwap"), node_id
-        assert node_id in NODE_DISPLAY_NAME_MAPPINGS and len(cls.DESCRIPTION) > 80, node_id
+        assert cls.CATEGORY.startswith("WAN BlockSwap"), node_id
+        # the description is the node title's tooltip: a sentence or two; the detail is in the help page
+        assert node_id in NODE_DISPLAY_NAME_MAPPINGS and 60 <= len(cls.DESCRIPTION) <= 160, node_id
         types = cls.INPUT_TYPES()
         for section in ("required", "optional"):
             for name, spec in types.get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), node_id
+        assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) and all(cls.OUTPUT_TOOLTIPS), node_id
+
+
+def test_one_naming_scheme_and_search_aliases():
+    """One family in the node library and in search: the display names and the category share one
+    prefix; searching "block swap", "offload", "low VRAM" or "WAN 2.2" finds every node; the names
+    of earlier versions still find them."""
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        schema = cls.GET_SCHEMA()
+        assert schema.display_name == NODE_DISPLAY_NAME_MAPPINGS[node_id]
+        assert schema.display_name.startswith("WAN BlockSwap"), schema.display_name
+        assert schema.category.split("/")[0] == "WAN BlockSwap"
+        assert {"block swap", "offload", "low VRAM", "WAN 2.2"} <= set(schema.search_aliases), node_id
+    assert "WAN 2.2 BlockSwap" in NODE_CLASS_MAPPINGS["wan22BlockSwap"].GET_SCHEMA().search_aliases
+    assert "WAN Model Loader" in NODE_CLASS_MAPPINGS["WANModelLoader"].GET_SCHEMA().search_aliases
+    assert len(set(NODE_DISPLAY_NAME_MAPPINGS.values())) == len(NODE_DISPLAY_NAME_MAPPINGS)
+    legacy = NODE_CLASS_MAPPINGS["wan22BlockSwapLooper"]
+    assert legacy.DEPRECATED is True and NODE_CLASS_MAPPINGS["WAN22BlockSwapLooper"].DEPRECATED is False
+
+
+RARELY_CHANGED = {"offload_txt_emb", "offload_img_emb", "use_non_blocking", "vace_blocks_to_swap",
+                  "prefetch_blocks", "block_swap_debug", "wan_version", "model_variant", "weight_dtype"}
+
+
+def test_rarely_changed_inputs_are_advanced():
+    for node_id, cls in NODE_CLASS_MAPPINGS.items():
+        types = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, (_typ, opts) in types.get(section, {}).items():
+                assert bool(opts.get("advanced")) == (name in RARELY_CHANGED), f"{node_id}.{name}"

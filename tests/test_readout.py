@@ -18,6 +18,7 @@ from wan22_blockswap import callbacks
 from wan22_blockswap.block_manager import BlockSwapTracker
 from wan22_blockswap.callbacks import _ENGINES
 from wan22_blockswap.looper_helpers import format_run_text
+from wan22_blockswap.readout import NODE_WIDTH, fit, node_text, short_bytes
 from wan22_blockswap.utils import TRACE_PREFIX, __version__, format_bytes, write_trace
 from test_node import load, sample, swap
 
@@ -55,19 +56,40 @@ def test_node_text_and_log_after_a_run_have_the_fields(node_texts, caplog, trace
         sample(swapped)
     engine = _ENGINES[swapped.model.diffusion_model]
     t = engine.tracker
+    cuda = swapped.load_device.type == "cuda"
+    # the log: two full lines
+    log_text = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Block swap run:"))
+    line1, line2 = log_text.splitlines()
+    assert "4 units streamed, 4 blocks resident" in line1
+    assert f"{t.forwards} forwards, {format_bytes(t.h2d_bytes // t.forwards)} H2D per forward" in line1
+    assert "copy " in line1 and ("stall " in line1 or "all stall" in line1)
+    assert ("VRAM peak n/a (CPU)" in line2) != cuda
+    assert f"host masters {format_bytes(t.host_bytes)} ({format_bytes(t.pinned_bytes)} pinned" in line2
+    assert "RSS " in line2
+    # the node: the plan made when the node ran, then this run, in lines that fit the node
     node, text = node_texts[-1]
     assert node == "7"
     lines = text.splitlines()
-    assert len(lines) == 2, text
-    assert "4 units streamed, 4 blocks resident" in lines[0]
-    assert f"{t.forwards} forwards, {format_bytes(t.h2d_bytes // t.forwards)} H2D per forward" in lines[0]
-    assert "copy " in lines[0] and ("stall " in lines[0] or "all stall" in lines[0])
-    cuda = swapped.load_device.type == "cuda"
-    assert ("VRAM peak n/a (CPU)" in lines[1]) != cuda
-    assert f"host masters {format_bytes(t.host_bytes)} ({format_bytes(t.pinned_bytes)} pinned" in lines[1]
-    assert "RSS " in lines[1]
-    assert any(text in r.getMessage() for r in caplog.records)  # the same text in the log
+    assert lines[0] == "Plan: 4/8 blocks streamed"
+    assert lines[1] == f"Run: {t.forwards} forwards, no VRAM (CPU)" if not cuda else lines[1].startswith(
+        f"Run: {t.stalls} stalls, VRAM peak ")
+    assert f"H2D {short_bytes(t.h2d_bytes // t.forwards)} per forward, {t.forwards} fwd" in lines
+    assert f"Host copies {short_bytes(t.host_bytes)}" in "\n".join(lines)
+    assert "Streams blocks 4-7" in lines and any(line.startswith("Ring 2 x ") for line in lines)
+    assert all(len(line) <= NODE_WIDTH for line in lines), text
     assert _traces(trace_dir) == []  # no trace without block_swap_debug
+
+
+def test_node_text_keeps_the_plan_and_the_warnings_with_every_run(node_texts, monkeypatch):
+    model = load()
+    swapped = swap(model, 4)
+    controller = swapped.object_patches["diffusion_model.blocks.7"]._controller
+    monkeypatch.setattr(controller, "readout_notes", ["a warning made when the node ran, long enough to be wrapped"])
+    for run in range(2):
+        sample(swapped)
+        lines = node_texts[-1][1].splitlines()
+        assert lines[0] == "Plan: 4/8 blocks streamed" and lines[1].startswith("Run: ")
+        assert lines[-2:] == ["a warning made when the node ran, long", "enough to be wrapped"]
 
 
 def test_debug_writes_per_unit_detail_and_a_json_trace(node_texts, caplog, trace_dir):
@@ -127,7 +149,7 @@ def test_a_trace_that_cannot_be_written_only_warns(node_texts, caplog, monkeypat
     assert torch.equal(out, reference)
     assert any(r.levelname == "WARNING" and "could not write the debug trace" in r.getMessage()
                for r in caplog.records)
-    assert node_texts and "units streamed" in node_texts[-1][1]  # the readout still reached the node
+    assert node_texts and node_texts[-1][1].startswith("Plan: 4/8")  # the readout still reached the node
 
 
 def test_engine_counts_copies_per_unit():
@@ -168,3 +190,38 @@ def test_pack_version_matches_pyproject():
 
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__
+
+
+def test_node_readout_lines_fit_the_node():
+    """Figures at the widest they get (a 14B model, thousands of forwards, big memory, pageable part,
+    VACE and embeddings streamed): every line fits, the plan and the run lead."""
+    from wan22_blockswap.readout import plan_lines
+
+    gib = 2**30
+    plan = plan_lines(streamed_blocks=range(0, 40), num_blocks=40, vace_streamed=range(0, 15), num_vace_blocks=15,
+                      other_units=["text_embedding", "img_emb"], slots=41, slot_bytes=int(1.23 * gib),
+                      async_copies=True)
+    figures = {"streamed_units": 57, "resident_blocks": 0, "forwards": 12345, "h2d_bytes": 999 * 1000 * gib,
+               "h2d_per_forward": 999 * gib, "copies": 10**6, "stalls": 123456, "overlapped_copies": True,
+               "copy_ms": 7.2e6, "stall_ms": 99999.0,
+               "memory": {"vram": {"peak_allocated": 141 * gib, "peak_reserved": 141 * gib, "allocated": 0,
+                                   "reserved": 0},
+                          "host_master_bytes": 999 * gib, "pinned_bytes": 500 * gib, "pageable_reason": "cap",
+                          "host_rss_bytes": 1020 * gib, "host_available_bytes": 8 * gib}}
+    lines = node_text(plan, figures, ["WARNING: " + "x" * 90]).splitlines()
+    assert lines[0] == "Plan: 40/40 blocks + 15/15 VACE streamed"
+    assert lines[1] == "Run: 123456 stalls, VRAM peak 141 GiB"
+    assert "Host copies 999 GiB (499 GiB pageable)" in lines
+    assert "Streams blocks 0-39, VACE 0-14, text" in "\n".join(lines)
+    assert all(len(line) <= NODE_WIDTH for line in lines), [line for line in lines if len(line) > NODE_WIDTH]
+    # no figure is cut off by the wrapping: every number of the figures is on the node
+    for figure in ("12345 fwd", "123456 stalls", "999 GiB per forward", "141 GiB", "1020 GiB", "120.0 min"):
+        assert figure in "\n".join(lines), figure
+
+
+def test_fit_wraps_at_spaces_and_splits_clauses():
+    assert fit("short") == "short"
+    text = fit("WAN 2.1/2.2 14B t2v: 40 blocks; a_file_name_longer_than_forty_characters.safetensors (13.3 GiB)")
+    lines = text.splitlines()
+    assert lines[0] == "WAN 2.1/2.2 14B t2v: 40 blocks" and all(len(line) <= NODE_WIDTH for line in lines)
+    assert "".join(lines[1:3]).startswith("a_file_name_longer_than_forty_characters.safetensors")

@@ -1,0 +1,113 @@
+"""The node readout: short lines of text shown on a node in ComfyUI's front end (pure, no ComfyUI).
+
+The front end (1.45) shows a node's progress text in a box as wide as the node, in a 12 px font, and
+breaks a line that does not fit anywhere, mid-word. At a swap node's default width about 40 characters
+fit, and the box shows two lines before it scrolls (more when the user makes the node taller). So the
+readout is built for that box: every line at most :data:`NODE_WIDTH` characters, the plan on the first
+line, the last sampling run on the second, details below. The log keeps the full sentences
+(callbacks.py, looper_helpers.format_run_text) and ``block_swap_debug`` the per-block detail.
+"""
+from __future__ import annotations
+
+import textwrap
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
+
+NODE_WIDTH = 40  # characters a line may have to fit a swap node at its default width
+
+
+def short_bytes(n: float) -> str:
+    """Bytes with three significant digits: ``512 B``, ``3.43 MiB``, ``336 MiB``, ``14.0 GiB``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1000 or unit == "GiB":  # 1000, not 1024: "1010 MiB" would be a 4-digit figure
+            break
+        n /= 1024
+    if unit == "B":
+        return f"{n:.0f} B"
+    digits = 0 if abs(n) >= 100 else 1 if abs(n) >= 10 else 2
+    return f"{n:.{digits}f} {unit}"
+
+
+def short_ms(ms: float) -> str:
+    """A duration: ``42.5 ms``, ``5.00 s``, ``12.0 min``."""
+    if ms < 1000:
+        return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+    s = ms / 1000
+    return f"{s:.2f} s" if s < 60 else f"{s / 60:.1f} min"
+
+
+def spans(indices: Sequence[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``3-5, 9``."""
+    out: List[str] = []
+    items = sorted(indices)
+    i = 0
+    while i < len(items):
+        j = i
+        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
+            j += 1
+        out.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def fit(text: str, width: int = NODE_WIDTH) -> str:
+    """``text`` in lines of at most ``width`` characters: clauses separated by "; " go on lines of
+    their own, longer lines are wrapped at spaces (a word longer than a line, e.g. a file name, is cut)."""
+    lines: List[str] = []
+    for line in text.splitlines():
+        for clause in line.split("; "):
+            lines.extend(textwrap.wrap(clause, width, break_on_hyphens=False) or ([""] if not clause else []))
+    return "\n".join(lines)
+
+
+def plan_lines(*, streamed_blocks: Sequence[int], num_blocks: int, vace_streamed: Sequence[int] = (),
+               num_vace_blocks: int = 0, other_units: Iterable[str] = (), slots: int, slot_bytes: int,
+               async_copies: bool) -> List[str]:
+    """The plan: a summary line (what streams) and detail lines (the ring, which blocks, copy mode)."""
+    summary = f"Plan: {len(streamed_blocks)}/{num_blocks} blocks"
+    if num_vace_blocks and vace_streamed:
+        summary += f" + {len(vace_streamed)}/{num_vace_blocks} VACE"
+    summary += " streamed"
+    details = [f"Ring {slots} x {short_bytes(slot_bytes)}, " + ("pinned async copies" if async_copies
+                                                               else "synchronous copies")]
+    what = [f"blocks {spans(streamed_blocks)}"] if streamed_blocks else []
+    if vace_streamed:
+        what.append(f"VACE {spans(vace_streamed)}")
+    what.extend(u.replace("_", " ") for u in other_units)
+    if what:
+        details.append("Streams " + ", ".join(what))
+    return [summary, *details]
+
+
+def run_lines(f: Mapping[str, Any]) -> List[str]:
+    """The last sampling run from :func:`looper_helpers.run_figures`: a summary line (stalls and peak
+    VRAM on a GPU), then bytes per forward, copy and stall time, host copies, process RAM."""
+    m = f["memory"]
+    vram = m.get("vram")
+    if vram:
+        peak = f"VRAM peak {short_bytes(vram['peak_allocated'])}"
+        summary = (f"Run: {f['stalls']} stalls, {peak}" if f["overlapped_copies"]
+                   else f"Run: sync copies, {peak}")
+    else:
+        summary = f"Run: {f['forwards']} forwards, no VRAM (CPU)"
+    details = [f"H2D {short_bytes(f['h2d_per_forward'])} per forward, {f['forwards']} fwd",
+               f"Copy {short_ms(f['copy_ms'])}, stall {short_ms(f['stall_ms'])}"
+               + ("" if f["overlapped_copies"] else " (sync)")]
+    host, pinned = m["host_master_bytes"], m["pinned_bytes"]
+    if not f["overlapped_copies"]:
+        details.append(f"Host copies {short_bytes(host)}")
+    elif pinned >= host:
+        details.append(f"Host copies {short_bytes(host)}, all pinned")
+    else:
+        details.append(f"Host copies {short_bytes(host)} ({short_bytes(host - pinned)} pageable)")
+    details.append(f"Process RAM {short_bytes(m['host_rss_bytes'])}")
+    return [summary, *details]
+
+
+def node_text(plan: Sequence[str], run: Optional[Mapping[str, Any]] = None, notes: Sequence[str] = ()) -> str:
+    """What the node shows: the plan's summary, then the last run's summary (both visible in the two
+    lines a node shows at its default size), the run's details, the plan's details, the warnings."""
+    lines = list(plan[:1])
+    run_part = run_lines(run) if run is not None else []
+    lines += run_part[:1] + run_part[1:] + list(plan[1:]) + list(notes)
+    return fit("\n".join(lines))
