@@ -34,7 +34,7 @@ from torch import nn
 from .config import SwapPlan, SwapSettings, detect_layout, plan_swap
 from .cuda_runtime import CudaRuntime
 from .device_ring import DeviceRing, SharedRing
-from .host_masters import (HostMasters, PinnedMemory, _Unit, arena_offset, bind, check_streamable, host_arena,
+from .host_masters import (HostMasters, PinnedMemory, _Unit, arena_offset, check_streamable, host_arena,
                            packed_bytes)
 from .swap_schedule import Schedule
 from .swap_tracker import BlockSwapTracker, TimingLog

@@ -46,10 +46,9 @@ Mechanism, and why it is this one:
 from __future__ import annotations
 
 import itertools
-import time
 import uuid
 import weakref
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -58,11 +57,12 @@ from torch import nn
 from .block_manager import BlockSwapEngine
 from .device_ring import SharedRing
 from .host_masters import check_streamable, packed_bytes
-from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
-from .readout import plan_lines
-from .utils import (VRAM_LIMIT, __version__, as_device, device_name, device_total_memory, format_bytes, get_logger,
-                    host_available_bytes, host_ram_message, pin_budget_message, trace_directory,
-                    vram_message, write_trace)
+from .config import BlockSwapError, SwapPlan, plan_swap, tensor_bytes, unwrap
+from .preflight import full_model_size, preflight, with_pin_budget
+from .preflight import pin_budget_left as _pin_budget_left
+from .readout import format_run_text, node_text, plan_lines, run_figures, run_trace
+from .utils import (__version__, as_device, format_bytes, get_logger, host_available_bytes, trace_directory,
+                    validate_tensor_consistency, write_trace)
 
 log = get_logger("comfy")
 
@@ -136,7 +136,7 @@ class SwapController:
     # ------------------------------------------------------------------ installation
     def install(self, patcher) -> None:
         """Object patches, keyed callbacks and the wrapper on ``patcher``: the node's own clone, from
-        which :func:`looper_helpers.reset_model_blockswap_state` removed any earlier ones."""
+        which :func:`reset_model_blockswap_state` removed any earlier ones."""
         from comfy.patcher_extension import CallbacksMP, WrappersMP
 
         for name, target in self.targets.items():
@@ -195,7 +195,7 @@ class SwapController:
             engine.teardown(device=offload)
             engine = None
         if engine is None:
-            engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings, model)),
+            engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings, _ENGINES, model)),
                                      device, offload, unit_modules=self.targets)
             _ENGINES[model] = engine
         return engine
@@ -333,8 +333,6 @@ class SwapController:
         finally:
             engine.end_forward()
         if self.debug and args and isinstance(args[0], torch.Tensor):
-            from .looper_helpers import validate_tensor_consistency
-
             # metadata only (no device sync): a streamed block must not change dtype or device
             validate_tensor_consistency(args[0], out, "diffusion model output", attrs=("dtype", "device"))
         return out
@@ -349,13 +347,14 @@ class SwapController:
             engine.after_unit(index)
 
     def on_cleanup(self, patcher) -> None:
-        from .looper_helpers import cleanup_loop_blockswap, format_run_text
-        from .readout import node_text
-
+        """After every sampler call (a looper makes 2-3 a loop): evict anything still bound to a slot
+        (an interrupted run), read the finished timing events, report the run. Masters, patch routing
+        and the ring stay: the next call needs them."""
         engine = self.engine()
         if engine is None or not engine.is_setup:
             return
-        figures = cleanup_loop_blockswap(engine, patcher.load_device)
+        engine.end_run()
+        figures = run_figures(engine, patcher.load_device)
         log.info("%s", format_run_text(figures))
         if self.debug:
             t = engine.tracker
@@ -367,7 +366,7 @@ class SwapController:
     def _write_trace(self, engine: BlockSwapEngine, patcher) -> None:
         """The debug trace file; a trace that cannot be written is a warning, never a failed run."""
         try:
-            path = write_trace(run_trace(self, engine, patcher), trace_directory(), self.node_id)
+            path = write_trace(run_trace(self, engine, patcher, __version__), trace_directory(), self.node_id)
         except Exception as err:  # noqa: BLE001 - disk full, read-only dir, odd values...
             log.warning("block swap: could not write the debug trace (%s: %s); the run is not affected",
                         type(err).__name__, err)
@@ -389,40 +388,16 @@ class SwapController:
             log.exception("block swap: releasing the device ring failed")
 
 
-def full_model_size(patcher) -> int:
-    """Raw bytes of every parameter and buffer of the model, those behind stand-ins included, so a
-    clone that went through a BlockSwap node before is not reduced twice. Counted from the tensors
-    (not the state dict: ComfyUI-GGUF's holds placeholders for quantized weights)."""
-    m = patcher.model
-    visible = sum(tensor_bytes(t) for t in itertools.chain(m.parameters(), m.buffers()))
-    hidden = sum(tensor_bytes(p) for mod in m.modules() if isinstance(mod, StreamedUnit)
-                 for p in mod.swapped_module.parameters())
-    return visible + hidden
+def reset_model_blockswap_state(patcher) -> None:
+    """Remove this pack's stand-ins, callbacks and wrapper from ``patcher`` (a clone), so a model
+    that went through a BlockSwap node before is prepared afresh, never twice."""
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-
-def with_pin_budget(settings, model: Optional[nn.Module] = None):
-    """Cap pinning at what ComfyUI still allows (it limits pinned RAM, e.g. about 40 % on Windows)
-    unless the settings name a budget; beyond it masters stay pageable, with a log line. ``model``'s
-    own engine is left out of what is already pinned (its masters are the ones being budgeted)."""
-    if settings.pin_budget_bytes is not None:
-        return settings
-    left = pin_budget_left(exclude=() if model is None else (id(model),))
-    return settings if left is None else replace(settings, pin_budget_bytes=left)
-
-
-def pin_budget_left(exclude: Iterable[int] = ()) -> Optional[int]:
-    """Bytes that may still be pinned under ComfyUI's cap (``MAX_PINNED_MEMORY``; None: no cap):
-    the cap less ComfyUI's own pins and less what the engines of other models pinned (our pins go
-    through cudaHostRegister, not ComfyUI's registry, so its total does not include them).
-    ``exclude``: ids of diffusion models whose engines are not counted."""
-    import comfy.model_management as mm
-
-    cap = getattr(mm, "MAX_PINNED_MEMORY", -1)
-    if cap is None or cap <= 0:
-        return None
-    skip = set(exclude)
-    ours = sum(e.tracker.pinned_bytes for m, e in list(_ENGINES.items()) if id(m) not in skip)
-    return max(0, int(cap - getattr(mm, "TOTAL_PINNED_MEMORY", 0) - ours))
+    for name in [k for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)]:
+        del patcher.object_patches[name]
+    for cb_type in (CallbacksMP.ON_PRE_RUN, CallbacksMP.ON_CLEANUP, CallbacksMP.ON_DETACH):
+        patcher.remove_callbacks_with_key(cb_type, KEY)
+    patcher.remove_wrappers_with_key(WrappersMP.DIFFUSION_MODEL, KEY)
 
 
 def is_gguf_quantized(param) -> bool:
@@ -530,13 +505,11 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     for name, target in targets.items():  # refuse what cannot stream now, not in the middle of a run
         for p in target.parameters():
             check_streamable(p, name)
-    notes = preflight(patcher, diffusion_model, layout, settings, plan, targets, others)
+    notes = preflight(patcher, diffusion_model, layout, settings, plan, targets, _ENGINES, others)
     if dynamic_note:
         notes.insert(0, dynamic_note)
     for note in notes:
         log.warning("block swap: %s", note)
-    from .looper_helpers import reset_model_blockswap_state
-
     clone = patcher.clone()
     reset_model_blockswap_state(clone)
     clone.size = full_model_size(clone)
@@ -566,137 +539,6 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     return clone, "\n".join([*controller.readout_plan, *notes])
 
 
-# ---------------------------------------------------------------------------------------------------
-# Pre-flight checks at node apply time: the figures come from the model, the verdicts from utils.
-
-def streamed_modules(patcher) -> List[nn.Module]:
-    """The real blocks behind a block-swap clone's stand-ins (none for other patchers)."""
-    return [v.swapped_module for v in patcher.object_patches.values() if isinstance(v, StreamedUnit)]
-
-
-def host_bytes_needed(modules: Iterable[nn.Module]) -> int:
-    """Host RAM that packing the host masters of ``modules`` adds. The engine's own pack-time rule:
-    a unit whose weights are already in host RAM is repacked in place, one unit at a time (its old
-    storage is freed as it is rebound), so all such units together need one unit of headroom; a
-    unit held elsewhere (on the GPU under --highvram / --gpu-only) needs all of its bytes. Masters
-    that live engines already hold are in RAM, so they count only as that headroom."""
-    moved = headroom = 0
-    seen = set()
-    for m in modules:
-        if id(m) in seen:  # clones of one model stream the same modules
-            continue
-        seen.add(id(m))
-        size = packed_bytes(m)
-        if all(p.device.type == "cpu" for p in m.parameters()):
-            headroom = max(headroom, size)
-        else:
-            moved += size
-    return moved + headroom
-
-
-def preflight(patcher, diffusion_model: nn.Module, layout: ModelLayout, settings: SwapSettings,
-              plan: SwapPlan, targets: Dict[str, nn.Module], others: Sequence = ()) -> List[str]:
-    """Checks before the node changes anything. Raises :class:`BlockSwapError` when host RAM cannot
-    hold the host copies of this model's streamed blocks together with those of ``others`` (clones
-    prepared by the same node, not run yet: both WAN 2.2 experts are prepared before either runs).
-    Returns warnings: part of the masters will be pageable (ComfyUI's pin cap), the resident weights
-    exceed 90 % of the card."""
-    notes: List[str] = []
-    prepared = [(o.model.diffusion_model, streamed_modules(o)) for o in others]
-    prepared = [(dm, mods) for dm, mods in prepared if mods]
-    modules = list(targets.values()) + [m for _, mods in prepared for m in mods]
-    models = {id(dm) for dm, _ in prepared} | ({id(diffusion_model)} if targets else set())
-    if modules:
-        what = "this model" if len(models) == 1 else f"the {len(models)} models this node prepares"
-        error = host_ram_message(host_bytes_needed(modules), host_available_bytes(), what)
-        if error:
-            raise BlockSwapError(error)
-        if patcher.load_device.type == "cuda" and settings.use_non_blocking:
-            budget = settings.pin_budget_bytes if settings.pin_budget_bytes is not None else pin_budget_left(models)
-            masters = sum(packed_bytes(m) for m in {id(m): m for m in modules}.values())
-            note = pin_budget_message(masters, budget)
-            if note:
-                notes.append(note)
-    note = vram_preflight(patcher, diffusion_model, layout, settings, plan)
-    if note:
-        notes.append(note)
-    return notes
-
-
-def vram_preflight(patcher, diffusion_model: nn.Module, layout: ModelLayout, settings: SwapSettings,
-                   plan: SwapPlan) -> Optional[str]:
-    """On CUDA: a warning when the weights that stay on the GPU with ``plan`` (the resident part plus
-    the ring) exceed 90 % of the card, with the smallest blocks_to_swap that fits, or a louder one
-    when even streaming everything would not fit. Never raises: ComfyUI may still cope (lowvram)."""
-    total = device_total_memory(patcher.load_device)
-    if total is None:
-        return None
-    full = full_model_size(patcher)
-    # every unit that could stream: the figures for "more blocks" and "everything swapped"
-    everything = plan_swap(layout, replace(settings, blocks_to_swap=layout.num_blocks,
-                                           vace_blocks_to_swap=layout.num_vace_blocks,
-                                           offload_txt_emb=True, offload_img_emb=True))
-    modules = {n: unwrap(diffusion_model.get_submodule(n)) for n in everything.units}
-    raw = {n: sum(tensor_bytes(p) for p in m.parameters()) for n, m in modules.items()}
-    slot = {n: packed_bytes(m) for n, m in modules.items()}
-
-    def on_gpu(p: SwapPlan) -> int:
-        return full - sum(raw[u] for u in p.units) + p.slots * max((slot[u] for u in p.units), default=0)
-
-    need = on_gpu(plan)
-    if need <= VRAM_LIMIT * total:
-        return None
-    fit = next((n for n in range(settings.blocks_to_swap + 1, layout.num_blocks + 1)
-                if on_gpu(plan_swap(layout, replace(settings, blocks_to_swap=n))) <= VRAM_LIMIT * total), None)
-    return vram_message(need, total, need_all_swapped=on_gpu(everything), fit_blocks=fit)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Debug trace: what a bug report needs about one sampling run.
-
-def run_trace(controller: SwapController, engine: BlockSwapEngine, patcher) -> dict:
-    """The JSON-ready record of the run that just ended (``block_swap_debug``)."""
-    from .looper_helpers import run_figures
-
-    device = patcher.load_device
-    plan, t = engine.plan, engine.tracker
-    units = t.unit_detail()
-    for d in units:
-        target = controller.targets.get(d["unit"])
-        d["bytes"] = packed_bytes(target) if target is not None else None
-    return {
-        "trace_format": 1,
-        "pack_version": __version__,
-        "torch_version": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "comfyui_version": _comfyui_version(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "node_id": controller.node_id,
-        "device": {"load_device": str(device), "name": device_name(device),
-                   "total_memory": device_total_memory(device)},
-        "model": {"patcher": type(patcher).__name__, "layout": asdict(plan.layout),
-                  "size": getattr(patcher, "size", None),
-                  "loaded_weight_memory": getattr(patcher.model, "model_loaded_weight_memory", None),
-                  "lowvram": bool(getattr(patcher.model, "model_lowvram", False))},
-        "plan": {"units": list(plan.units), "block_indices": list(plan.block_indices),
-                 "vace_indices": list(plan.vace_indices), "resident_blocks": list(plan.resident_blocks),
-                 "slots": plan.slots, "slot_bytes": t.slot_bytes, "ring_bytes": engine.device_bytes,
-                 "shared_ring": engine.shared_ring is not None},
-        "settings": asdict(engine.settings),
-        "summary": t.summary(),
-        "units": units,
-        "memory": run_figures(engine, device)["memory"],
-    }
-
-
-def _comfyui_version() -> Optional[str]:
-    try:
-        import comfyui_version  # ComfyUI's root module; absent outside ComfyUI
-        return str(comfyui_version.__version__)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def clamp_settings(settings, layout):
     """Counts above what the model has are clamped (with a log line), so one workflow serves
     30-block and 40-block models."""
@@ -712,3 +554,10 @@ def clamp_settings(settings, layout):
                  settings.vace_blocks_to_swap, layout.num_vace_blocks)
         changes["vace_blocks_to_swap"] = layout.num_vace_blocks
     return replace(settings, **changes) if changes else settings
+
+
+def pin_budget_left(exclude: Iterable[int] = ()) -> Optional[int]:
+    """Bytes that may still be pinned under ComfyUI's cap, given this pack's live engines (see
+    :func:`preflight.pin_budget_left`); ``exclude``: ids of models whose engines are not counted."""
+    return _pin_budget_left(_ENGINES, exclude)
+

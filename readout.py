@@ -5,12 +5,21 @@ breaks a line that does not fit anywhere, mid-word. At a swap node's default wid
 fit, and the box shows two lines before it scrolls (more when the user makes the node taller). So the
 readout is built for that box: every line at most :data:`NODE_WIDTH` characters, the plan on the first
 line, the last sampling run on the second, details below. The log keeps the full sentences
-(callbacks.py, looper_helpers.format_run_text) and ``block_swap_debug`` the per-block detail.
+(callbacks.py, :func:`format_run_text`) and ``block_swap_debug`` the per-block detail (:func:`run_trace`).
+Pure: nothing here imports ComfyUI.
 """
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Iterable, List, Mapping, Optional, Sequence
+import time
+from dataclasses import asdict
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+from .host_masters import packed_bytes
+from .utils import (device_memory, device_name, device_total_memory, format_bytes, host_available_bytes,
+                    host_rss_bytes)
 
 NODE_WIDTH = 40  # characters a line may have to fit a swap node at its default width
 
@@ -80,7 +89,7 @@ def plan_lines(*, streamed_blocks: Sequence[int], num_blocks: int, vace_streamed
 
 
 def run_lines(f: Mapping[str, Any]) -> List[str]:
-    """The last sampling run from :func:`looper_helpers.run_figures`: a summary line (stalls and peak
+    """The last sampling run from :func:`run_figures`: a summary line (stalls and peak
     VRAM on a GPU), then bytes per forward, copy and stall time, host copies, process RAM."""
     m = f["memory"]
     vram = m.get("vram")
@@ -111,3 +120,95 @@ def node_text(plan: Sequence[str], run: Optional[Mapping[str, Any]] = None, note
     run_part = run_lines(run) if run is not None else []
     lines += run_part[:1] + run_part[1:] + list(plan[1:]) + list(notes)
     return fit("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The figures behind the readout, the log's lines and the debug trace
+
+def run_figures(engine, device=None) -> Dict[str, Any]:
+    """The figures of the run that just ended: what streamed, bytes moved, copy/stall time, peak
+    VRAM (this run's: ON_PRE_RUN resets the peak), host masters, pinned bytes, process RSS."""
+    t, plan = engine.tracker, engine.plan
+    overlapped = engine.compute_device.type == "cuda" and engine.settings.use_non_blocking
+    copy_ms = sum(t.copy_ms.values())
+    mem = device_memory(device) if device is not None else {}
+    return {
+        "streamed_units": len(plan.units),
+        "resident_blocks": len(plan.resident_blocks),
+        "forwards": t.forwards,
+        "h2d_bytes": t.h2d_bytes,
+        "h2d_per_forward": t.h2d_bytes // max(1, t.forwards),
+        "copies": t.copies,
+        "stalls": t.stalls,
+        "overlapped_copies": overlapped,
+        "copy_ms": round(copy_ms, 3),
+        # Without a copy stream every copy blocks the compute that needs it: all copy time is stall.
+        "stall_ms": round(sum(t.stall_ms.values()) if overlapped else copy_ms, 3),
+        "memory": {
+            "vram": mem or None,  # None: no device counters (CPU)
+            "host_master_bytes": t.host_bytes,
+            "pinned_bytes": t.pinned_bytes,
+            "pageable_reason": t.pageable_reason,
+            "host_rss_bytes": host_rss_bytes(),
+            "host_available_bytes": host_available_bytes(),
+        },
+    }
+
+
+def format_run_text(f: Mapping[str, Any]) -> str:
+    """Two lines for the log from :func:`run_figures`: streaming, then memory."""
+    copies = (f"copy {f['copy_ms']:.1f} ms, stall {f['stall_ms']:.1f} ms ({f['stalls']} stalls)"
+              if f["overlapped_copies"] else f"copy {f['copy_ms']:.1f} ms, synchronous (all stall)")
+    line1 = (f"Block swap run: {f['streamed_units']} units streamed, {f['resident_blocks']} blocks resident; "
+             f"{f['forwards']} forwards, {format_bytes(f['h2d_per_forward'])} H2D per forward; {copies}")
+    m = f["memory"]
+    vram = (f"VRAM peak {format_bytes(m['vram']['peak_allocated'])} allocated, "
+            f"{format_bytes(m['vram']['peak_reserved'])} reserved" if m["vram"] else "VRAM peak n/a (CPU)")
+    pinned = f"{format_bytes(m['pinned_bytes'])} pinned"
+    if f["overlapped_copies"] and m["pinned_bytes"] < m["host_master_bytes"]:
+        pinned += f", {format_bytes(m['host_master_bytes'] - m['pinned_bytes'])} pageable"
+    line2 = (f"{vram}; host masters {format_bytes(m['host_master_bytes'])} ({pinned}), "
+             f"RSS {format_bytes(m['host_rss_bytes'])}")
+    return f"{line1}\n{line2}"
+
+
+def run_trace(controller, engine, patcher, pack_version: str) -> dict:
+    """The JSON-ready record of the run that just ended (``block_swap_debug``): the controller's plan,
+    the engine's figures and per-unit detail, the patcher's device and accounting."""
+    device = patcher.load_device
+    plan, t = engine.plan, engine.tracker
+    units = t.unit_detail()
+    for d in units:
+        target = controller.targets.get(d["unit"])
+        d["bytes"] = packed_bytes(target) if target is not None else None
+    return {
+        "trace_format": 1,
+        "pack_version": pack_version,
+        "torch_version": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "comfyui_version": _comfyui_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "node_id": controller.node_id,
+        "device": {"load_device": str(device), "name": device_name(device),
+                   "total_memory": device_total_memory(device)},
+        "model": {"patcher": type(patcher).__name__, "layout": asdict(plan.layout),
+                  "size": getattr(patcher, "size", None),
+                  "loaded_weight_memory": getattr(patcher.model, "model_loaded_weight_memory", None),
+                  "lowvram": bool(getattr(patcher.model, "model_lowvram", False))},
+        "plan": {"units": list(plan.units), "block_indices": list(plan.block_indices),
+                 "vace_indices": list(plan.vace_indices), "resident_blocks": list(plan.resident_blocks),
+                 "slots": plan.slots, "slot_bytes": t.slot_bytes, "ring_bytes": engine.device_bytes,
+                 "shared_ring": engine.shared_ring is not None},
+        "settings": asdict(engine.settings),
+        "summary": t.summary(),
+        "units": units,
+        "memory": run_figures(engine, device)["memory"],
+    }
+
+
+def _comfyui_version() -> Optional[str]:
+    try:
+        import comfyui_version  # ComfyUI's root module; absent outside ComfyUI
+        return str(comfyui_version.__version__)
+    except Exception:  # noqa: BLE001
+        return None

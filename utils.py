@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -184,3 +184,25 @@ def _prune_traces(directory: str, keep: int) -> None:
             os.remove(os.path.join(directory, name))
         except OSError:  # removed meanwhile, or not ours to remove: the cap is best effort
             get_logger().debug("block swap: could not delete old trace %s", name, exc_info=True)
+
+
+def validate_tensor_consistency(reference, candidate, what: str = "value",
+                                attrs=("shape", "dtype", "device")) -> None:
+    """Check that ``candidate`` keeps the structure of ``reference``: a latent dict keeps all its
+    keys, and every tensor keeps its ``attrs`` (shape, dtype, device). Raises ValueError naming the
+    first difference (a looper that loses ``noise_mask`` or moves ``samples`` silently degrades
+    loop 2+). With ``block_swap_debug`` the pack checks every forward's output against its input."""
+    if isinstance(reference, Mapping):
+        if not isinstance(candidate, Mapping):
+            raise ValueError(f"{what}: expected a dict, got {type(candidate).__name__}")
+        missing = [k for k in reference if k not in candidate]
+        if missing:
+            raise ValueError(f"{what}: lost keys {missing}")
+        for k in reference:
+            validate_tensor_consistency(reference[k], candidate[k], f"{what}[{k!r}]", attrs)
+    elif isinstance(reference, torch.Tensor):
+        if not isinstance(candidate, torch.Tensor):
+            raise ValueError(f"{what}: expected a tensor, got {type(candidate).__name__}")
+        for attr in attrs:
+            if getattr(reference, attr) != getattr(candidate, attr):
+                raise ValueError(f"{what}: {attr} {getattr(candidate, attr)} != {getattr(reference, attr)}")

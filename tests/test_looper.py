@@ -14,7 +14,7 @@ import comfy.sample
 from comfy.patcher_extension import CallbacksMP
 
 from wan22_blockswap.callbacks import KEY, _ENGINES
-from wan22_blockswap.looper_helpers import validate_tensor_consistency
+from wan22_blockswap.utils import validate_tensor_consistency
 from wan22_blockswap.nodes import (WAN22BlockSwapLooper, WAN22BlockSwapLooperModels,
                                    WAN22BlockSwapSequencer)
 from wan22_blockswap.utils import host_rss_bytes

@@ -7,7 +7,7 @@ import torch
 
 import comfy.model_management as mm
 
-from wan22_blockswap import callbacks
+from wan22_blockswap import preflight
 from wan22_blockswap.block_manager import packed_bytes
 from wan22_blockswap.callbacks import _ENGINES, apply_block_swap, full_model_size, pin_budget_left
 from wan22_blockswap.config import BlockSwapError, SwapSettings, tensor_bytes
@@ -27,7 +27,7 @@ def _unload_between_tests():
 
 
 def _available(monkeypatch, nbytes):
-    monkeypatch.setattr(callbacks, "host_available_bytes", lambda: nbytes)
+    monkeypatch.setattr(preflight, "host_available_bytes", lambda: nbytes)
 
 
 def _snapshot(patcher):
@@ -119,7 +119,7 @@ def _as_cuda(model, monkeypatch):
     """The patcher claims a CUDA load device; nothing runs, so no GPU is needed. The VRAM check
     is switched off here (its own tests inject a card size)."""
     model.load_device = torch.device("cuda", 0)
-    monkeypatch.setattr(callbacks, "device_total_memory", lambda device: None)
+    monkeypatch.setattr(preflight, "device_total_memory", lambda device: None)
     return model
 
 
@@ -182,7 +182,7 @@ def test_vram_check_at_apply_names_the_blocks_needed_and_never_raises(monkeypatc
     model = _as_cuda(load(), monkeypatch)
     total = int(_on_gpu(model, 6) / 0.9) + 1  # 6 streamed blocks fit in 90 %, 5 do not
     assert _on_gpu(model, 5) > 0.9 * total
-    monkeypatch.setattr(callbacks, "device_total_memory", lambda device: total)
+    monkeypatch.setattr(preflight, "device_total_memory", lambda device: total)
     with caplog.at_level("WARNING", logger="wan22_blockswap"):
         clone, text = apply_block_swap(model, SwapSettings(blocks_to_swap=2))
     assert "Set blocks_to_swap to at least 6" in text
@@ -191,6 +191,6 @@ def test_vram_check_at_apply_names_the_blocks_needed_and_never_raises(monkeypatc
     assert "blocks_to_swap" not in text
     _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=0))  # off: still warned
     assert text.startswith("Block swap off") and "at least 6" in text
-    monkeypatch.setattr(callbacks, "device_total_memory", lambda device: 1000)  # hopeless: warn, go on
+    monkeypatch.setattr(preflight, "device_total_memory", lambda device: 1000)  # hopeless: warn, go on
     clone, text = apply_block_swap(model, SwapSettings(blocks_to_swap=8))
     assert clone is not model and "even with every block swapped" in text

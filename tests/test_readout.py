@@ -17,7 +17,7 @@ import comfy.model_management as mm
 from wan22_blockswap import callbacks
 from wan22_blockswap.block_manager import BlockSwapTracker
 from wan22_blockswap.callbacks import _ENGINES
-from wan22_blockswap.looper_helpers import format_run_text
+from wan22_blockswap.readout import format_run_text
 from wan22_blockswap.readout import NODE_WIDTH, fit, node_text, short_bytes
 from wan22_blockswap.utils import TRACE_PREFIX, __version__, format_bytes, write_trace
 from test_node import load, sample, swap
