@@ -36,14 +36,15 @@ def is_model(x) -> bool:
 
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
                            prepared: Optional[Dict[int, Tuple[Any, Any, str]]] = None, debug: bool = False,
-                           node_id: Optional[str] = None, note: str = ""):
+                           node_id: Optional[str] = None, note: str = "", dynamic_vram: str = "pass through"):
     """A block-swap clone of ``model`` for reuse in every loop (``None`` stays ``None``).
 
     ``prepared`` maps ``id(model)`` to ``(model, clone, text)``: a model that appears in several
     segments is prepared once and every segment gets the same clone; the host RAM check counts the
     models in it together (none of them has run yet); the node shows the texts of all of them.
     ``ring`` shares device slots with the other models of the pipeline. ``note`` (e.g. the
-    vram_budget choice) follows the plan in the node's text.
+    vram_budget choice) follows the plan in the node's text. ``dynamic_vram``: see
+    :func:`callbacks.apply_block_swap`.
     """
     if model is None:
         return None
@@ -55,7 +56,8 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
 
     # The models this node prepared before are not packed yet: the host RAM check covers them too.
     others = [entry[1] for entry in prepared.values()] if prepared else []
-    clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others)
+    clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others,
+                                   dynamic_vram=dynamic_vram)
     if debug:
         log.info("looper: %s", text)
     tail = [note] if note else []  # the plan comes first: the node shows its first lines
@@ -69,7 +71,7 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
 
 
 def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
-                     node_id: Optional[str] = None, note: str = "") -> List:
+                     node_id: Optional[str] = None, note: str = "", dynamic_vram: str = "pass through") -> List:
     """WanVideoLoraSequencer's ``model_clip_sequence`` with every model prepared: same length, each
     entry ``(model_high | None, model_low | None, clip | None)`` (``None`` entries kept), clips passed
     through, each distinct model prepared once, all sharing one device ring."""
@@ -93,9 +95,7 @@ def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
             out.append(None)
             continue
         high, low, clip = entry
-        out.append((prepare_model_for_loop(high, settings, ring=ring, prepared=prepared, debug=debug, node_id=node_id,
-                                           note=note),
-                    prepare_model_for_loop(low, settings, ring=ring, prepared=prepared, debug=debug, node_id=node_id,
-                                           note=note),
+        kw = dict(ring=ring, prepared=prepared, debug=debug, node_id=node_id, note=note, dynamic_vram=dynamic_vram)
+        out.append((prepare_model_for_loop(high, settings, **kw), prepare_model_for_loop(low, settings, **kw),
                     clip))
     return out

@@ -91,6 +91,18 @@ def budget_input() -> io.Combo.Input:
         "choice and why are shown on the node and in the log.")
 
 
+def dynamic_vram_input() -> io.Combo.Input:
+    """What to do when ComfyUI's Dynamic VRAM manages the model (optional, last: saved workflows
+    without it keep loading, and it defaults to what the node did before it existed)."""
+    from .callbacks import DYNAMIC_VRAM_CHOICES, PASS_THROUGH
+
+    return io.Combo.Input("dynamic_vram", options=list(DYNAMIC_VRAM_CHOICES), default=PASS_THROUGH, optional=True,
+                          advanced=True, tooltip=
+        "Only when ComfyUI's Dynamic VRAM is on (its default on NVIDIA): 'pass through' leaves the model "
+        "to ComfyUI's own weight streaming; 'block swap' reloads it as a classic model (as core's "
+        "TorchCompileModel does; the whole model in RAM, checked first) and streams the chosen blocks.")
+
+
 def free_device_bytes(patcher) -> Optional[int]:
     """GPU memory this model may use: free now, plus what ComfyUI can unload, minus --reserve-vram.
     None on a CPU (auto needs a GPU)."""
@@ -145,6 +157,13 @@ def budget_for_first_model(items, settings, choice: str):
     return settings, ""
 
 
+def dynamic_vram(swap: dict) -> str:
+    """The node's dynamic_vram choice (absent in workflows saved before it existed)."""
+    from .callbacks import PASS_THROUGH
+
+    return swap.get("dynamic_vram") or PASS_THROUGH
+
+
 def parse_swap(swap: dict, unique_id=None):
     """The swap widgets' values -> (SwapSettings, debug flag, node id for the readout)."""
     settings = SwapSettings(blocks_to_swap=int(swap["blocks_to_swap"]),
@@ -178,7 +197,7 @@ class WAN22BlockSwap(io.ComfyNode):
             description=(
                 "Keeps the chosen WAN 2.1/2.2 transformer blocks in RAM and streams them to the GPU as they "
                 "run: 14B models on 8-16 GB cards, same output."),
-            inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *swap_inputs(), budget_input()],
+            inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *swap_inputs(), budget_input(), dynamic_vram_input()],
             outputs=[io.Model.Output(tooltip="A clone of the model whose chosen blocks stream from host RAM. "
                                              "The input model and its other clones are unchanged.")],
             hidden=[io.Hidden.unique_id])
@@ -193,7 +212,7 @@ class WAN22BlockSwap(io.ComfyNode):
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = apply_budget(model, settings, vram_budget)
-        out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id)
+        out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, dynamic_vram=dynamic_vram(swap))
         send_node_text(node_id, f"{text}\n{why}" if why else text)
         return (out,)
 
@@ -210,7 +229,7 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
                 "set of GPU slots."),
             inputs=[io.Model.Input("model_high", tooltip="WAN 2.2 high-noise expert (early steps)."),
                     io.Model.Input("model_low", tooltip="WAN 2.2 low-noise expert (late steps)."),
-                    *swap_inputs(), budget_input()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input()],
             outputs=[io.Model.Output("model_high",
                                      tooltip="The high-noise expert, ready for WanVideoLooper's model_high."),
                      io.Model.Output("model_low",
@@ -230,7 +249,8 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
         settings, debug, node_id = parse_swap(swap, unique_id)
         # the experts have the same architecture and take turns on the GPU: one plan serves both
         settings, why = apply_budget(model_high, settings, vram_budget)
-        kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id, note=why)
+        kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id, note=why,
+                  dynamic_vram=dynamic_vram(swap))
         return (prepare_model_for_loop(model_high, settings, **kw),
                 prepare_model_for_loop(model_low, settings, **kw))
 
@@ -247,7 +267,7 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
                 "of GPU slots."),
             inputs=[ANY.Input("model_clip_sequence", tooltip=
                         "WanVideoLoraSequencer's output: a list of (model_high, model_low, clip) per segment."),
-                    *swap_inputs(), budget_input()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input()],
             outputs=[ANY.Output("model_clip_sequence", tooltip=
                         "The same list of (model_high, model_low, clip) segments with prepared models; "
                         "connect it to WanVideoLooper's model_clip_sequence.")],
@@ -264,7 +284,8 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = budget_for_first_model(model_clip_sequence, settings, vram_budget)
-        return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id, note=why),)
+        return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id, note=why,
+                                 dynamic_vram=dynamic_vram(swap)),)
 
 
 class _LoopAware(io.ComfyNode):
@@ -282,7 +303,7 @@ class _LoopAware(io.ComfyNode):
             description=cls.DESCRIPTION_TEXT,
             inputs=[ANY.Input("models_list", tooltip=
                         "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."),
-                    *swap_inputs(), budget_input()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input()],
             outputs=[ANY.Output("prepared_models", tooltip="The input list with prepared models, same shape.")],
             hidden=[io.Hidden.unique_id], is_deprecated=cls.DEPRECATED_ID)
 
@@ -300,9 +321,10 @@ class _LoopAware(io.ComfyNode):
                 e is None or is_model(e) for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap
             seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id,
-                                   note=why)
+                                   note=why, dynamic_vram=dynamic_vram(swap))
             return ([e[0] for e in seq],)
-        return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id, note=why),)
+        return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id, note=why,
+                                 dynamic_vram=dynamic_vram(swap)),)
 
 
 class WAN22BlockSwapLooper(_LoopAware):

@@ -372,3 +372,19 @@ def test_dynamic_vram_take_over_checks_host_ram_first(monkeypatch):
     monkeypatch.setattr(cb, "host_available_bytes", lambda: 1024)  # the pack's own RAM probe
     with pytest.raises(BlockSwapError, match="classic copy of this model needs"):
         cb.apply_block_swap(model, SwapSettings(blocks_to_swap=4), dynamic_vram="block swap")
+
+
+def test_the_swap_nodes_pass_their_dynamic_vram_choice_on():
+    from wan22_blockswap.nodes import WAN22BlockSwapLooperModels
+
+    model = load()
+    reference = sample(model)
+    model.cached_patcher_init = (_reload_tiny, ("t2v", 0))
+    model.is_dynamic = lambda: True
+    assert swap(model, 4) is model  # no choice made (a graph saved before the input): pass through
+    out = swap(model, 4, dynamic_vram="block swap")
+    assert out is not model and not out.is_dynamic() and torch.equal(sample(out), reference)
+    high, low = WAN22BlockSwapLooperModels.apply(model, model, blocks_to_swap=4, offload_txt_emb=False,
+                                                 offload_img_emb=False, use_non_blocking=True, vace_blocks_to_swap=0,
+                                                 prefetch_blocks=1, block_swap_debug=False, dynamic_vram="block swap")
+    assert high is low and not high.is_dynamic()  # one model in both places: prepared once

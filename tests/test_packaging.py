@@ -275,7 +275,7 @@ def test_one_naming_scheme_and_search_aliases():
     assert legacy.DEPRECATED is True and NODE_CLASS_MAPPINGS["WAN22BlockSwapLooper"].DEPRECATED is False
 
 
-RARELY_CHANGED = {"offload_txt_emb", "offload_img_emb", "use_non_blocking", "vace_blocks_to_swap",
+RARELY_CHANGED = {"offload_txt_emb", "offload_img_emb", "use_non_blocking", "vace_blocks_to_swap", "dynamic_vram",
                   "prefetch_blocks", "block_swap_debug", "wan_version", "model_variant", "weight_dtype"}
 
 
