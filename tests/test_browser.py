@@ -42,6 +42,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs Python playw
 
 from wan22_blockswap.nodes import DISPLAY_NAMES, NODE_CLASS_MAPPINGS  # noqa: E402
 from wan22_blockswap.readout import NODE_WIDTH  # noqa: E402
+from test_workflow_compat import ADDED_SINCE_FIXTURE  # noqa: E402
 
 HELPERS = ROOT.parent / "shared" / "tools" / "comfyui" / "comfy_test_helpers"
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -312,7 +313,11 @@ def test_graphs_saved_before_v3_load_unchanged(clean):
         assert ours, name
         for key in ours:
             assert prompt[key]["class_type"] == expected[key]["class_type"]
-            assert prompt[key]["inputs"] == expected[key]["inputs"], f"{name}: node {key}"
+            got = dict(prompt[key]["inputs"])
+            optional = NODE_CLASS_MAPPINGS[expected[key]["class_type"]].INPUT_TYPES().get("optional", {})
+            for added in ADDED_SINCE_FIXTURE & set(got) - set(expected[key]["inputs"]):
+                assert got.pop(added) == optional[added][1]["default"], f"{name}: node {key}: {added}"
+            assert got == expected[key]["inputs"], f"{name}: node {key}"
 
 
 @pytest.mark.parametrize("node_id", sorted(NODE_CLASS_MAPPINGS))
