@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -42,6 +41,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs Python playw
 
 from wan22_blockswap.nodes import DISPLAY_NAMES, NODE_CLASS_MAPPINGS  # noqa: E402
 from wan22_blockswap.readout import NODE_WIDTH  # noqa: E402
+from test_comfyui_real import wait_until_serving  # noqa: E402
 from test_workflow_compat import ADDED_SINCE_FIXTURE  # noqa: E402
 
 HELPERS = ROOT.parent / "shared" / "tools" / "comfyui" / "comfy_test_helpers"
@@ -107,16 +107,7 @@ def server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=comfy, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            _get(base, "/system_stats")
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "ComfyUI did not start"
-            time.sleep(0.5)
-    text = log.read_text()
+    text = wait_until_serving(proc, base, log)
     assert "IMPORT FAILED" not in text and "Error while calling comfy_entrypoint" not in text, text[-3000:]
     yield {"base": base, "log": log, "packs": packs}
     proc.terminate()

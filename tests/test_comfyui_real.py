@@ -74,6 +74,19 @@ def _req(base, path, data=None):
         return json.loads(body) if body else None
 
 
+def wait_until_serving(proc, base: str, log: Path, timeout: float = 180) -> str:
+    """Poll a starting ComfyUI server until it answers (a failed start fails with its log); its log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            _req(base, "/system_stats")
+            return log.read_text()
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "ComfyUI did not start"
+            time.sleep(0.5)  # the server's own start-up: there is no event to wait on
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
@@ -91,16 +104,7 @@ def server(tmp_path_factory):
                              "--disable-auto-launch", "--output-directory", str(out)],
                             cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            _req(base, "/system_stats")
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, "ComfyUI did not start"
-            time.sleep(0.5)
-    text = log.read_text()
+    text = wait_until_serving(proc, base, log)
     assert "IMPORT FAILED" not in text, text[-3000:]
     yield {"base": base, "out": out, "log": log, "pid": proc.pid}
     proc.terminate()
