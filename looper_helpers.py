@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+from .callbacks import PASS_THROUGH
 from .config import SwapSettings
 from .device_ring import SharedRing
 from .utils import get_logger
@@ -36,7 +37,7 @@ def is_model(x) -> bool:
 
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
                            prepared: Optional[Dict[int, Tuple[Any, Any, str]]] = None, debug: bool = False,
-                           node_id: Optional[str] = None, note: str = "", dynamic_vram: str = "pass through"):
+                           node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH):
     """A block-swap clone of ``model`` for reuse in every loop (``None`` stays ``None``).
 
     ``prepared`` maps ``id(model)`` to ``(model, clone, text)``: a model that appears in several
@@ -71,7 +72,7 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
 
 
 def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
-                     node_id: Optional[str] = None, note: str = "", dynamic_vram: str = "pass through") -> List:
+                     node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH) -> List:
     """WanVideoLoraSequencer's ``model_clip_sequence`` with every model prepared: same length, each
     entry ``(model_high | None, model_low | None, clip | None)`` (``None`` entries kept), clips passed
     through, each distinct model prepared once, all sharing one device ring."""

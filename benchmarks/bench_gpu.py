@@ -162,9 +162,7 @@ def measure_swap(model, inputs, settings: SwapSettings, forwards: int, device, *
            "setup_d2h_bytes": t.setup_d2h_bytes, "pinned_bytes": t.pinned_bytes,
            "host_bytes": t.host_bytes, "ring_bytes": engine.device_bytes, "forwards": t.forwards}
     engine.teardown(device="cpu")
-    for name, child in model.named_children():  # teardown put streamed blocks back on the host
-        if name == "blocks":
-            child.to("cpu")
+    model.blocks.to("cpu")  # teardown put the streamed blocks back on the host; the resident ones too
     if is_cuda(device):
         torch.cuda.empty_cache()
     return row

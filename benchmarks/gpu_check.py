@@ -46,7 +46,7 @@ import bench_gpu as bg  # noqa: E402  (it imports the pack)
 
 from wan22_blockswap.block_manager import BlockSwapEngine, SharedRing, place_resident  # noqa: E402
 from wan22_blockswap.budget import ModelDims, estimate_activation_bytes, plan_auto_blocks  # noqa: E402
-from wan22_blockswap.config import SwapSettings, tensor_bytes  # noqa: E402
+from wan22_blockswap.config import SwapSettings, is_wrapper_tensor, tensor_bytes  # noqa: E402
 from wan22_blockswap.tiny_wan import WanConfig, tiny_config, wan14b_config  # noqa: E402
 from wan22_blockswap.utils import format_bytes  # noqa: E402
 
@@ -128,7 +128,7 @@ def lora_transform(rank: int, dtype):
                     if isinstance(mod, torch.nn.Linear):
                         up, down = next(extra), next(extra)
                         w = mod.weight
-                        if hasattr(w, "dequantize") and type(w) is not torch.nn.Parameter:
+                        if is_wrapper_tensor(w):  # a QuantizedTensor: dequantize, add, requantize
                             w.copy_(type(w).from_float((w.dequantize() + up @ down).to(w.dtype), w._layout_cls))
                         else:
                             w.add_(up @ down)
@@ -146,7 +146,7 @@ def two_experts(config, dtype, device, inputs, settings, forwards) -> Dict:
         e.use_shared_ring(ring)
         engines.append(e.setup())
         place_resident(m, e.plan, device)
-    steady = bg.timed_forwards(a, inputs, 1, device)  # warm-up, learns the order
+    bg.timed_forwards(a, inputs, 1, device)  # warm-up, learns the order
     steady = bg.timed_forwards(a, inputs, forwards, device)
     switch = bg.timed_forwards(b, inputs, 1, device)  # takes the ring from a
     b_steady = bg.timed_forwards(b, inputs, forwards, device)

@@ -41,7 +41,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs Python playw
 
 from wan22_blockswap.nodes import DISPLAY_NAMES, NODE_CLASS_MAPPINGS  # noqa: E402
 from wan22_blockswap.readout import NODE_WIDTH  # noqa: E402
-from test_comfyui_real import wait_until_serving  # noqa: E402
+from test_comfyui_real import _link, wait_until_serving  # noqa: E402
 from test_workflow_compat import ADDED_SINCE_FIXTURE  # noqa: E402
 
 HELPERS = ROOT.parent / "shared" / "tools" / "comfyui" / "comfy_test_helpers"
@@ -59,15 +59,6 @@ TEXT_WIDGET = "$$node-text-preview"  # the front end's widget for a node's progr
 
 
 # ------------------------------------------------------------------------------------------ server
-def _link(comfy: Path, src: Path, name: str) -> None:
-    dst = comfy / "custom_nodes" / name
-    if dst.is_symlink() and dst.resolve() == src.resolve():
-        return
-    if dst.is_symlink():
-        dst.unlink()
-    dst.symlink_to(src, target_is_directory=True)
-
-
 def _write_model(comfy: Path) -> None:
     from safetensors.torch import save_file
 
