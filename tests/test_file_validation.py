@@ -15,13 +15,15 @@ import struct
 import time
 import warnings
 
+import numpy as np
 import pytest
 
 import comfy.model_management as mm
 
 from wan22_blockswap.config import BlockSwapError
 from wan22_blockswap.gguf_dequant import GGUFFormatError
-from wan22_blockswap.gguf_header import MAX_ARRAY_ELEMENTS, MAX_KV_PAIRS, MAX_TENSORS, check_gguf_header
+from wan22_blockswap.gguf_header import (MAX_ARRAY_DEPTH, MAX_ARRAY_ELEMENTS, MAX_DIMS, MAX_KV_PAIRS, MAX_TENSORS,
+                                         check_gguf_header)
 from wan22_blockswap.gguf_reader import load_gguf_state_dict
 from wan22_blockswap.model_loader import load_wan_model
 from wan22_blockswap.weight_files import WeightFileError, scan_weights
@@ -83,6 +85,11 @@ def gguf_bytes(kvs=(), infos=(), data=b"", *, version=3, n_tensors=None, n_kv=No
     return head + b"\0" * (-len(head) % alignment) + data
 
 
+def nested(levels: int, leaf: bytes = struct.pack("<IQ", U8, 1) + b"\7") -> bytes:
+    """An array value ``levels`` arrays deep (each holding one array; the innermost ``leaf``)."""
+    return struct.pack("<IQ", ARRAY, 1) * (levels - 1) + leaf
+
+
 ARCH = kv("general.architecture", STRING, s("wan"))
 ONE = info("a.weight", [4], F32, 0)
 ONE_DATA = struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16
@@ -105,10 +112,19 @@ def crafted_gguf():
         r"'general.name'.*string of length 4611686018427387904"
     yield "tensor name length 2**32", gguf_bytes([ARCH], [struct.pack("<Q", 2 ** 32) + b"abc" * 10]), \
         r"tensor info 1 of 1, name: a string of length 4294967296"
-    yield "nested array", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 1) + struct.pack("<IQ", U8, 1) + b"\0")]), \
-        r"arrays of arrays"
+    yield "arrays nested 65 deep", gguf_bytes([kv("k", ARRAY, nested(MAX_ARRAY_DEPTH + 1))]), \
+        rf"'k'\): arrays of arrays nested more than {MAX_ARRAY_DEPTH} deep"
+    yield "arrays nested 100000 deep", gguf_bytes([kv("k", ARRAY, nested(100_000))]), r"nested more than"
+    yield "array of 2**61 arrays", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 2 ** 61))]), \
+        r"array of 2305843009213693952 ARRAY values needs"
+    yield "inner array of 2**61", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 1)
+                                                  + struct.pack("<IQ", U8, 2 ** 61))]), \
+        r"'k'\), array at depth 1: an array of 2305843009213693952 UINT8 values needs"
+    yield "arrays of arrays of 8196 elements", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 2) + (
+        struct.pack("<IQ", U8, 4097) + b"\0" * 4097) * 2)]), r"metadata arrays hold 8196\+ elements"
     yield "unknown value type", gguf_bytes([kv("k", 13, b"\0" * 8)]), r"'k'\): unknown value type 13"
-    yield "5 dimensions", gguf_bytes([ARCH], [info("a", [1, 1, 1, 1, 1], F32, 0)], ONE_DATA), r"'a'\): 5 dimensions"
+    yield "65 dimensions", gguf_bytes([ARCH], [info("a", [1] * (MAX_DIMS + 1), F32, 0)], ONE_DATA), \
+        rf"'a'\): {MAX_DIMS + 1} dimensions; gguf-py reads tensors of at most {MAX_DIMS}"
     yield "2**31 dimensions", gguf_bytes([ARCH], [s("a") + struct.pack("<I", 2 ** 31) + b"\0" * 40]), \
         r"2147483648 dimensions"
     yield "dimensions overflow", gguf_bytes([ARCH], [info("a", [2 ** 32, 2 ** 32], F32, 0)], ONE_DATA), \
@@ -193,6 +209,30 @@ def test_orig_shape_metadata_must_be_dimensions(tmp_path):
         path.write_bytes(gguf_bytes([ARCH, kv("comfy.gguf.orig_shape.a.weight", ARRAY, arr)], [ONE], ONE_DATA))
         err = answered_fast(load_gguf_state_dict, path)
         assert str(path) in str(err) and "must list 1 to 8 dimensions >= 0" in str(err)
+
+
+def test_arrays_of_arrays_are_read_as_gguf_py_reads_them(tmp_path):
+    """gguf-py's writer writes metadata arrays of arrays and its reader reads them (ggml's C reader
+    does not): the header check steps over them, down to MAX_ARRAY_DEPTH levels, and the file loads."""
+    import gguf
+
+    path = tmp_path / "nested.gguf"
+    w = gguf.GGUFWriter(str(path), "wan")
+    w.add_array("x.nested", [[1, 2, 3], [4], [5, 6]])        # gguf-py writes an ARRAY of INT32 arrays
+    w.add_tensor("a.weight", np.arange(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    field = gguf.GGUFReader(str(path)).get_field("x.nested")
+    assert [int(field.parts[i][0]) for i in field.data] == [1, 2, 3, 4, 5, 6]
+    assert [t.name for t in check_gguf_header(path).tensors] == ["a.weight"]
+    assert load_gguf_state_dict(path)[0]["a.weight"].tolist() == [0, 1, 2, 3]
+    assert [e.key for e in scan_weights(path)[1]] == ["a.weight"]
+    deep = tmp_path / "deep.gguf"                              # the deepest nesting read: MAX_ARRAY_DEPTH levels
+    deep.write_bytes(gguf_bytes([ARCH, kv("k", ARRAY, nested(MAX_ARRAY_DEPTH))], [ONE], ONE_DATA))
+    assert gguf.GGUFReader(str(deep)).get_field("k").parts[-1].tolist() == [7]
+    assert load_gguf_state_dict(deep)[0]["a.weight"].tolist() == [1, 2, 3, 4]
 
 
 # ---------------------------------------------------------------------------------------------
