@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 import comfy.model_management as mm
 
@@ -293,6 +294,36 @@ def test_crafted_safetensors_is_an_error_naming_the_file_and_field(tmp_path, cas
     err = answered_fast(scan_weights, path)
     assert isinstance(err, WeightFileError) and str(path) in str(err), repr(err)
     assert re.search(message, str(err)), str(err)
+
+
+def test_every_whole_byte_dtype_the_safetensors_library_writes_is_read(tmp_path):
+    """ComfyUI's save nodes write whatever dtype a model holds through the safetensors library (an
+    MXFP8 model's block scales are float8_e8m0fnu; ComfyUI also keeps weights in the fnuz float8
+    types): the scan accepts each such file and the bytes read are the library's own reading.
+    Two values per byte (float4_e2m1fn_x2, "F4") are refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from wan22_blockswap.weight_files import read_weights
+
+    names = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+             "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "int64", "int32", "int16", "int8", "uint64",
+             "uint32", "uint16", "uint8", "bool"]
+    raw = torch.arange(96, dtype=torch.uint8).reshape(4, 24)
+    tensors = {n: raw.view(getattr(torch, n)).clone() for n in names if hasattr(torch, n)}
+    assert len(tensors) == len(names)                              # torch 2.13 has every one of them
+    path = tmp_path / "dtypes.safetensors"
+    save_file(tensors, str(path))
+    ref = load_file(str(path))
+    fmt, entries, _ = scan_weights(path)
+    got = read_weights(path, entries)
+    assert fmt == "safetensors" and set(got) == set(ref) == set(tensors)
+    for n, t in ref.items():
+        assert got[n].dtype == t.dtype and got[n].shape == t.shape, n
+        assert torch.equal(got[n].view(torch.uint8), t.view(torch.uint8)), n
+    f4 = tmp_path / "f4.safetensors"
+    save_file({"w": raw.view(torch.float4_e2m1fn_x2)}, str(f4))
+    with pytest.raises(WeightFileError, match=rf"{re.escape(str(f4))}: tensor 'w' has dtype F4, .*readable: .*F8_E8M0"):
+        scan_weights(f4)
 
 
 def test_the_reference_reader_refuses_the_ranges_the_pack_refuses(tmp_path):
