@@ -237,6 +237,113 @@ def test_arrays_of_arrays_are_read_as_gguf_py_reads_them(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the size bound at its edge (a file one byte short), and keys that clash once prefixes are stripped
+
+def _last_tensor_end(path) -> tuple:
+    """(name, end) of the tensor whose data ends last, as gguf-py (the reference reader) reads it."""
+    import gguf
+
+    last = max(gguf.GGUFReader(str(path)).tensors, key=lambda t: int(t.data_offset) + int(t.n_bytes))
+    return last.name, int(last.data_offset) + int(last.n_bytes)
+
+
+@pytest.mark.parametrize("nd_last", [False, True], ids=["5-D after its bias", "5-D appended last"])
+def test_a_gguf_one_byte_short_is_refused_by_the_header_check(tmp_path, nd_last):
+    """A WAN GGUF as the converters write it, cut to exactly the end of its last tensor's data (the
+    padding after it is optional: gguf-py reads such a file), loads; one byte less is refused by
+    the header check itself, naming the file and the tensor, before gguf-py or anything later reads it.
+    With the 5-D tensor appended last (fix_5d_tensors.py's case of a kernel without a bias), that
+    tensor is the one cut."""
+    from file_corpus import tiny_state_dict
+
+    from wan22_blockswap.gguf_reader import write_tiny_gguf
+
+    full = write_tiny_gguf(tmp_path / "full.gguf", tiny_state_dict(), nd_last=nd_last)
+    name, end = _last_tensor_end(full)
+    assert (name == "patch_embedding.weight") == nd_last
+    data = open(full, "rb").read()
+    assert len(data) - 32 < end <= len(data)                   # at most the alignment's padding follows
+    edge, short = tmp_path / "edge.gguf", tmp_path / "short.gguf"
+    edge.write_bytes(data[:end])
+    short.write_bytes(data[:end - 1])
+    assert check_gguf_header(edge).tensors[-1].name == name
+    assert [t.name for t in check_gguf_header(edge).tensors] == [t.name for t in check_gguf_header(full).tensors]
+    assert [e.key for e in scan_weights(edge)[1]] == [e.key for e in scan_weights(full)[1]]
+    load_wan_model(edge)
+    message = rf"{re.escape(str(short))}: truncated or corrupt GGUF file: tensor '{re.escape(name)}' .*needs " \
+              rf"bytes \d+\.\.{end}, but the file has {end - 1}"
+    with pytest.raises(GGUFFormatError, match=message):
+        check_gguf_header(short)
+    for reader in (load_gguf_state_dict, scan_weights, load_wan_model):  # the header check's message, not a later one
+        err = answered_fast(reader, short)
+        assert re.search(message, str(err)), (reader.__name__, str(err))
+
+
+def test_the_gguf_size_bound_at_its_edge_without_padding(tmp_path):
+    """The last tensor's data (20 bytes, not a multiple of the alignment) ending exactly at the end of
+    the file is read, by gguf-py and by the pack; one byte less is refused by the header check."""
+    import gguf
+
+    values = struct.pack("<5f", 1, 2, 3, 4, 5)
+    exact, short = tmp_path / "exact.gguf", tmp_path / "short.gguf"
+    exact.write_bytes(gguf_bytes([ARCH], [ONE, info("b.weight", [5], F32, 32)], ONE_DATA + values))
+    short.write_bytes(gguf_bytes([ARCH], [ONE, info("b.weight", [5], F32, 32)], ONE_DATA + values[:-1]))
+    assert gguf.GGUFReader(str(exact)).tensors[1].data.tolist() == [1, 2, 3, 4, 5]
+    assert check_gguf_header(exact).tensors[1].offset + 20 == exact.stat().st_size
+    assert load_gguf_state_dict(exact)[0]["b.weight"].tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(GGUFFormatError, match=rf"{re.escape(str(short))}: .*tensor 'b.weight' \(F32 \[5\]\) needs "
+                                              rf"bytes \d+\.\.{exact.stat().st_size}, but the file has "
+                                              rf"{exact.stat().st_size - 1}"):
+        check_gguf_header(short)
+
+
+def _clash(sd: dict, key: str, prefix: str) -> dict:
+    """``sd`` plus a second tensor for ``key`` under ``prefix`` (other values, so a load that kept
+    either one silently would be wrong half the time)."""
+    return {**sd, prefix + key: sd[key] + 1}
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_two_tensors_that_map_to_one_key_are_refused_safetensors(tmp_path, prefix):
+    """``model.diffusion_model.x`` beside ``x`` in one safetensors file: valid JSON, distinct names, so
+    only the loader's own check after stripping the prefix can see it; the error names the file."""
+    from safetensors.torch import save_file
+
+    from file_corpus import tiny_state_dict
+
+    key = "blocks.0.ffn.0.bias"
+    path = tmp_path / "clash.safetensors"
+    save_file({k: v.contiguous() for k, v in _clash(tiny_state_dict(), key, prefix).items()}, str(path))
+    with pytest.raises(WeightFileError, match=rf"{re.escape(str(path))}: two tensors map to the key '{key}'"):
+        scan_weights(path)
+    with pytest.raises(BlockSwapError, match=rf"{re.escape(str(path))}: two tensors map to the key '{key}'"):
+        load_wan_model(path)
+    both = tmp_path / "both_prefixes.safetensors"                 # the two prefixes against each other
+    save_file({"model.diffusion_model.a": D16_T, "diffusion_model.a": D16_T + 1}, str(both))
+    with pytest.raises(WeightFileError, match=rf"{re.escape(str(both))}: two tensors map to the key 'a'"):
+        scan_weights(both)
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_two_tensors_that_map_to_one_key_are_refused_gguf(tmp_path, prefix):
+    """The same in a GGUF file (gguf-py reads it: the names differ): refused by both GGUF readers and
+    the loader, naming the file and the key."""
+    from file_corpus import tiny_state_dict
+
+    from wan22_blockswap.gguf_reader import write_tiny_gguf
+
+    key = "blocks.0.ffn.0.bias"
+    path = write_tiny_gguf(tmp_path / "clash.gguf", _clash(tiny_state_dict(), key, prefix))
+    message = rf"{re.escape(str(path))}: two tensors map to the key '{key}'"
+    with pytest.raises(GGUFFormatError, match=message):
+        load_gguf_state_dict(path)
+    with pytest.raises(WeightFileError, match=message):
+        scan_weights(path)
+    with pytest.raises(BlockSwapError, match=message):
+        load_wan_model(path)
+
+
+# ---------------------------------------------------------------------------------------------
 # safetensors
 
 def st_bytes(header, data: bytes, raw: bytes = None) -> bytes:
@@ -249,6 +356,7 @@ def t(dtype, shape, start, end):
 
 
 D16 = bytes(range(16))
+D16_T = torch.arange(16, dtype=torch.float32)
 
 
 def crafted_safetensors():
