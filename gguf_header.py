@@ -11,28 +11,56 @@ structure with every count and length checked against the bytes that remain, usi
 integers (no fixed-width overflow), so a lie in the header is a :class:`GGUFFormatError` naming the
 file and the field, in time proportional to the bytes really there. Only then does gguf-py read it.
 
-The rules are those of the reference reader (ggml's ``gguf.cpp``), which is what llama.cpp and the
-converters that write these files agree on:
+What it accepts is what the files in circulation are: the WAN GGUF files of city96 and QuantStack,
+written by ComfyUI-GGUF's ``tools/convert.py`` (gguf-py's ``GGUFWriter``), quantized by its patched
+``llama-quantize`` (ggml's C writer) and finished by ``tools/fix_5d_tensors.py`` (gguf-py's writer
+again, which adds WAN's 5-D ``patch_embedding.weight`` back as a true 5-D F32 tensor). gguf-py and
+ComfyUI-GGUF's ``Unet Loader (GGUF)`` read those files, so this check must too; where ggml's C reader
+(``gguf.cpp``) is stricter than gguf-py, that is said below. The rules, each with the reason it
+stays:
 
-* magic ``GGUF``; version 2 or 3 (1 is obsolete; a version whose low 16 bits are zero is a file of
-  the other byte order); tensor and key-value counts, then the key-value pairs, then the tensor
-  infos, then the data section at the next multiple of the alignment.
+* Magic ``GGUF``; version 2 or 3: gguf-py reads no other version (1 is obsolete; every writer
+  writes 3). A version whose low 16 bits are zero is a file of the other byte order: gguf-py reads
+  those headers, but their tensor data is big-endian, which neither this pack's dequantization nor
+  ComfyUI-GGUF (``torch.from_numpy`` refuses non-native byte order) can use, and none of the
+  writers above writes one (they write the host's order: little-endian).
+* Tensor and key-value counts, then the key-value pairs, then the tensor infos, then the data
+  section at the next multiple of the alignment (the format itself).
 * A key-value pair: key string, value type, value. Strings are a u64 length + UTF-8 bytes (keys and
-  tensor names must decode). Arrays are an element type, a u64 count and the elements; arrays of
-  arrays are refused (the reference refuses them too). Keys are unique.
-* ``general.alignment``, when present, is a u32 power of two (default 32).
-* A tensor info: name, u32 dimension count (at most 4), that many u64 dimensions (each and their
-  product below 2**63), u32 GGML type (known to gguf-py), u64 data offset. The first dimension
-  is a multiple of the type's block size. Names are unique.
-* Tensor data: each tensor starts where the previous one's data ends, padded to the alignment
-  (the reference rejects any other offset), and lies inside the file.
+  tensor names must decode: gguf-py decodes them and fails otherwise). Arrays are an element type, a
+  u64 count and the elements. Arrays of arrays are read (gguf-py's writer writes them and its reader
+  reads them; ggml's C reader refuses them), down to ``MAX_ARRAY_DEPTH`` levels. Keys are unique:
+  gguf-py refuses a repeated key, and gguf-py's and ggml's writers keep one value per key.
+* ``general.alignment``, when present, is a u32 power of two (default 32): gguf-py's own rule.
+* A tensor info: name, u32 dimension count, that many u64 dimensions, u32 GGML type known to gguf-py
+  (gguf-py fails on any other), u64 data offset. Names are unique (gguf-py refuses duplicates).
+  The dimension count is at most ``MAX_DIMS`` = 64: gguf-py shapes every tensor as a numpy array, and
+  64 is numpy's limit (numpy 2; with numpy 1 it is 32, and gguf-py's own error for 33-64 names the
+  file too). ggml's C reader stops at 4 (``GGML_MAX_DIMS``), which is why ComfyUI-GGUF's converter
+  sets WAN's 5-D Conv3d kernel aside for ``llama-quantize`` and ``fix_5d_tensors.py`` writes it back
+  afterwards with gguf-py: every WAN GGUF in circulation has one 5-D F32 tensor, so a limit of 4
+  would refuse them all. Each dimension and their product stay below 2**63 (ggml's C reader's bound;
+  numpy's arithmetic would overflow beyond it). The first dimension is a multiple of the type's
+  block size: gguf-py refuses other quantized shapes too (and ggml's C reader), and every writer
+  stores whole blocks.
+* Tensor data: each tensor starts where the previous one's data ends, padded to the alignment, in
+  header order. That is ggml's C reader's rule (``gguf.cpp`` refuses any other offset); gguf-py
+  accepts any offset, but every writer places tensors this way (gguf-py's ``GGUFWriter`` and ggml's
+  writer both, so ``fix_5d_tensors.py``'s 5-D tensor, inserted after ``patch_embedding.bias``, has
+  its info and its data at that place). With it no two tensors can overlap. Every tensor lies
+  inside the file: the last one may end exactly at the end of the file (the padding after it is
+  optional), not one byte past it.
 
 Limits beyond the format (``MAX_*``): what gguf-py does with a header that *is* consistent still
 costs memory per item (measured with gguf 0.19: about 3 KiB per key-value pair, 5 KiB per tensor and
 1 KiB per metadata array element, at 10-80 us each). A consistent crafted file of a few MB could
 still ask for GBs that way, so the counts are capped far above what a diffusion-model file holds
-(WAN 14B: about 1,100-1,800 tensors, a handful of key-value pairs, array elements only for
-``comfy.gguf.orig_shape.*``, names under 70 bytes), keeping gguf-py's worst case near 30 MB.
+(WAN 14B: about 1,100-1,800 tensors; the files above carry three key-value pairs,
+``general.architecture``, ``general.quantization_version`` and ``general.file_type``, and array
+elements only for ``comfy.gguf.orig_shape.*``; names under 70 bytes, and convert.py refuses names
+over 127), keeping gguf-py's worst case near 30 MB. ``MAX_ARRAY_DEPTH`` bounds nesting: gguf-py
+reads an array of arrays with one recursive Python call per level, so Python's recursion limit
+(1,000 frames, its callers' included) is its real bound; 64 levels stay far from it.
 """
 from __future__ import annotations
 
@@ -45,13 +73,14 @@ from typing import Dict, List, Optional, Tuple
 from .gguf_dequant import GGUFFormatError
 
 __all__ = ["GGUFLayout", "GGUFTensorInfo", "check_gguf_header", "MAX_TENSORS", "MAX_KV_PAIRS",
-           "MAX_ARRAY_ELEMENTS", "MAX_NAME_BYTES", "DEFAULT_ALIGNMENT"]
+           "MAX_ARRAY_ELEMENTS", "MAX_ARRAY_DEPTH", "MAX_NAME_BYTES", "MAX_DIMS", "DEFAULT_ALIGNMENT"]
 
 DEFAULT_ALIGNMENT = 32
-MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_DIMS = 64  # numpy's limit, which gguf-py's reader meets (ggml's C reader: 4); module docstring
 MAX_TENSORS = 4096
 MAX_KV_PAIRS = 1024
-MAX_ARRAY_ELEMENTS = 8192  # all metadata arrays together
+MAX_ARRAY_ELEMENTS = 8192  # all metadata arrays together (inner arrays of arrays included)
+MAX_ARRAY_DEPTH = 64  # arrays of arrays: gguf-py recurses once per level (module docstring)
 MAX_NAME_BYTES = 65536  # a key or tensor name (WAN's are under 70 bytes)
 _INT64_LIMIT = 2 ** 63
 
@@ -232,7 +261,8 @@ def _walk(c: _Cursor) -> GGUFLayout:
         names.add(name)
         n_dims = c.u32(f"{where}, dimension count")
         if n_dims > MAX_DIMS:
-            raise c.fail(where, f"{n_dims} dimensions; GGUF tensors have at most {MAX_DIMS}")
+            raise c.fail(where, f"{n_dims} dimensions; gguf-py reads tensors of at most {MAX_DIMS} "
+                                "(numpy's limit)")
         dims = tuple(c.u64(f"{where}, dimension {j}") for j in range(n_dims))
         type_id = c.u32(f"{where}, type")
         if type_id not in types:
@@ -271,7 +301,8 @@ def _walk(c: _Cursor) -> GGUFLayout:
 
 
 def _skip_value(c: _Cursor, vtype: int, where: str) -> int:
-    """Step over one value of type ``vtype``; returns the array elements it holds (0 for scalars)."""
+    """Step over one value of type ``vtype``; returns the array elements it holds (0 for scalars;
+    for an array of arrays, its own elements and those of every array inside it)."""
     if vtype in _SCALARS:
         c.skip(_SCALARS[vtype][1], where, f"a {_SCALARS[vtype][0]} value")
         return 0
@@ -280,20 +311,45 @@ def _skip_value(c: _Cursor, vtype: int, where: str) -> int:
         return 0
     if vtype != _ARRAY:
         raise c.fail(where, f"unknown value type {vtype}")
-    etype = c.u32(f"{where}, array element type")
-    count = c.u64(f"{where}, array length")
-    if etype == _ARRAY:
-        raise c.fail(where, "arrays of arrays are not part of GGUF (the reference reader refuses them)")
-    if etype not in _SCALARS and etype != _STRING:
-        raise c.fail(where, f"array of unknown element type {etype}")
-    name, item = _SCALARS.get(etype, ("STRING", 8))  # a string takes at least its length field
-    c.need(count * item, where, f"an array of {count} {name} values")  # a lie about the length fails here
-    if count > MAX_ARRAY_ELEMENTS:
-        raise c.fail(where, f"an array of {count} elements; this loader reads at most "
-                            f"{MAX_ARRAY_ELEMENTS} (a diffusion model's metadata holds a few dozen)")
-    if etype == _STRING:
-        for j in range(count):
-            c.string(f"{where}, element {j}", decode=False)
-    else:
-        c.skip(count * item, where, f"an array of {count} {name} values")
-    return count
+    # Arrays of arrays without recursion: ``open_`` holds, for every array of arrays being read, how
+    # many of its elements (arrays themselves) are still to come; each loop reads one array header.
+    elements = 0
+    open_: List[int] = []
+    while True:
+        inner = f"{where}, array at depth {len(open_)}" if open_ else where
+        etype = c.u32(f"{inner}, array element type")
+        count = c.u64(f"{inner}, array length")
+        if etype != _ARRAY and etype not in _SCALARS and etype != _STRING:
+            raise c.fail(inner, f"array of unknown element type {etype}")
+        # every element takes at least this many bytes (an inner array: its type and its length)
+        name, item = ("ARRAY", 12) if etype == _ARRAY else _SCALARS.get(etype, ("STRING", 8))
+        c.need(count * item, inner, f"an array of {count} {name} values")  # a lie about the length fails here
+        if count > MAX_ARRAY_ELEMENTS:
+            raise c.fail(inner, f"an array of {count} elements; this loader reads at most "
+                                f"{MAX_ARRAY_ELEMENTS} (a diffusion model's metadata holds a few dozen)")
+        elements += count
+        if elements > MAX_ARRAY_ELEMENTS:
+            raise c.fail(where, f"metadata arrays hold {elements}+ elements; this loader reads at most "
+                                f"{MAX_ARRAY_ELEMENTS} (a diffusion model's metadata holds a few dozen; "
+                                "large vocabularies belong to text encoders and language models)")
+        if etype == _ARRAY:
+            if len(open_) + 1 >= MAX_ARRAY_DEPTH:
+                raise c.fail(where, f"arrays of arrays nested more than {MAX_ARRAY_DEPTH} deep; this loader "
+                                    f"reads at most {MAX_ARRAY_DEPTH} levels (gguf-py reads each level "
+                                    "with one recursive call)")
+            if count:
+                open_.append(count)
+                continue  # its first element is an array: its header comes next
+        elif etype == _STRING:
+            for j in range(count):
+                c.string(f"{inner}, element {j}", decode=False)
+        else:
+            c.skip(count * item, inner, f"an array of {count} {name} values")
+        # this array is complete, and with it one element of the array holding it
+        while open_:
+            open_[-1] -= 1
+            if open_[-1]:
+                break
+            open_.pop()
+        if not open_:
+            return elements

@@ -11,7 +11,8 @@ so importing this module costs nothing and needs neither gguf nor ComfyUI.
 * ``GGUFTensor``: a ``torch.Tensor`` subclass whose storage is the quantized bytes (uint8) and which
   carries ``tensor_type`` / ``tensor_shape`` / ``patches``; ``.dequantize()`` expands it with
   ``gguf_dequant`` on whatever device the bytes are (or are moved to).
-* ``write_tiny_gguf(path, state_dict)``: writes a GGUF file (tests, benchmarks; no downloads).
+* ``write_tiny_gguf(path, state_dict)``: writes a GGUF file laid out as the WAN GGUF files in
+  circulation are (tests, benchmarks; no downloads).
 
 gguf-py facts relied on (gguf 0.19):
 
@@ -19,13 +20,17 @@ gguf-py facts relied on (gguf 0.19):
   shape reversed. ``ReaderTensor.data`` is already reshaped: for F32/F16 to the torch shape, for
   every other type (BF16 included, which gguf-py reads as raw bytes) to the *byte* shape ``(...,
   bytes per row)``. The logical torch shape is therefore always taken as ``reversed(shape)``.
-* **More than 4 dims / rearranged rows.** GGML tensors have at most 4 dims, and quantizing needs the
-  last dim to be a multiple of the block size; ComfyUI-GGUF's converter stores such tensors reshaped
-  (WAN's 5-D ``patch_embedding.weight`` among them) and records the real shape as the metadata array
-  ``comfy.gguf.orig_shape.<tensor name>`` (ints). That shape wins when present; since the reshape
-  is a row-major reinterpretation, a quantized tensor's bytes are simply its blocks in element order
-  whatever the stored shape, which is why ``GGUFTensor.dequantize`` expands the flat bytes and then
-  reshapes to ``tensor_shape``.
+* **Shapes the converters write.** WAN's Conv3d ``patch_embedding.weight`` (``[dim, in_channels, 1, 2,
+  2]``) is stored as a true **5-D F32** tensor: ComfyUI-GGUF's ``tools/convert.py`` sets it aside
+  because ``llama-quantize`` (ggml) takes at most 4 dims, and ``tools/fix_5d_tensors.py`` adds it back
+  to the quantized file with gguf-py's writer, right after ``patch_embedding.bias`` (every WAN GGUF in
+  circulation has it so; gguf-py reads any number of dims up to numpy's limit). A different case is
+  convert.py's rearrangement for some image architectures (SD1/SDXL, not WAN): a tensor whose last
+  dim is not a multiple of 256 is stored as rows of 256 elements and its real shape recorded as the
+  INT32 array ``comfy.gguf.orig_shape.<tensor name>``. That shape wins when present; since the
+  reshape is a row-major reinterpretation, a quantized tensor's bytes are simply its blocks in
+  element order whatever the stored shape, which is why ``GGUFTensor.dequantize`` expands the flat
+  bytes and then reshapes to ``tensor_shape``.
 * **Read-only memmap.** ``GGUFReader`` maps the file with ``mode='r'`` (read-only shared mapping).
   ``torch.from_numpy`` on such an array warns "The given NumPy array is not writable, and PyTorch
   does not support non-writable tensors"; that one warning is silenced here, deliberately: the
@@ -352,49 +357,124 @@ def _to_torch(t, shape: Tuple[int, ...]) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # writing (tests, benchmarks)
+#
+# How the WAN GGUF files in circulation (city96's, QuantStack's) are made, which write_tiny_gguf
+# follows (read from ComfyUI-GGUF's tools/: convert.py, lcpp.patch for llama-quantize,
+# fix_5d_tensors.py):
+#
+# 1. convert.py reads the checkpoint with safetensors (keys come sorted by name), strips the
+#    ``model.diffusion_model.`` prefix and writes with gguf-py: tensors of more than 4 dims are set
+#    aside (WAN: ``patch_embedding.weight``); 1-D tensors, tensors of at most 1024 elements and
+#    ``.modulation`` become F32; everything else keeps the checkpoint's precision (BF16 from a bf16
+#    checkpoint, F16 otherwise). Metadata: ``general.architecture`` "wan",
+#    ``general.quantization_version``, ``general.file_type``.
+# 2. llama-quantize (patched) keeps that tensor order and quantizes the 2-D ``...weight`` tensors
+#    outside ``patch_embedding.``, ``text_embedding.``, ``time_embedding.``, ``time_projection.``,
+#    ``img_emb.``, ``head.`` and ``modulation.``, i.e. the block matrices. A K-quant needs rows of a
+#    multiple of 256 elements, else the tensor falls back to F16. The Q4_K_M / Q5_K_M mixes give the
+#    attention ``.v.weight`` and ``.ffn.2.weight`` matrices Q6_K.
+# 3. fix_5d_tensors.py copies every tensor into a new file with gguf-py's writer (metadata: the three
+#    keys above only) and inserts each set-aside tensor as a true N-D F32 tensor right after the
+#    tensor whose name is its own with ``.weight`` -> ``.bias`` (``patch_embedding.bias``); one
+#    without such a tensor is appended at the very end.
+#
+# gguf-py's writer places the tensors' data in the order their infos were added, each padded to the
+# 32-byte alignment.
+
+# ``quant`` names: a GGML type (every quantized tensor gets it, as ``llama-quantize --pure`` gives),
+# or a llama-quantize mix; their general.file_type (gguf.LlamaFileType member names)
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+               "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
+               "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S",
+               "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K", "Q4_K_M": "MOSTLY_Q4_K_M",
+               "Q5_K_M": "MOSTLY_Q5_K_M"}
+_MIXES = {"Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}  # mix -> base type; v and ffn.2 matrices: Q6_K
+_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_ENCODABLE_K = ("Q4_K", "Q5_K", "Q6_K")  # gguf-py quantizes no K-quant: encoded here
+_SMALL = 1024  # convert.py's QUANTIZATION_THRESHOLD: tensors this small stay F32
+_ROW = 256  # convert.py's rearranged rows (shape_fix)
+
 
 def _default_quantize(key: str, t: torch.Tensor) -> bool:
     return t.ndim == 2 and "blocks." in key and key.endswith("weight")
 
 
-def write_tiny_gguf(path, state_dict: Mapping[str, torch.Tensor], quant: str = "Q8_0", arch: str = "wan",
-                    quantize: Callable[[str, torch.Tensor], bool] = _default_quantize) -> str:
-    """Write ``state_dict`` as a GGUF file with gguf-py's GGUFWriter; returns the path.
+def _quant_type(quant: str, key: str) -> str:
+    if quant in _MIXES:
+        return "Q6_K" if key.endswith((".v.weight", ".ffn.2.weight")) else _MIXES[quant]
+    return quant
 
-    Tensors for which ``quantize(key, tensor)`` is true (default: 2-D weights whose key contains
-    ``blocks.``) are quantized to ``quant`` with ``gguf.quants.quantize`` (gguf-py can quantize
-    Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, BF16, F16); a :class:`GGUFTensor` value is written as stored, its
-    bytes and type unchanged (so K-quant files can be made from existing bytes); every other tensor
-    is written as F32. Tensors with more than 4 dims, or quantized ones whose last dim is not a
-    multiple of the block size, are stored reshaped with their shape in ``comfy.gguf.orig_shape.*``
-    metadata, as ComfyUI-GGUF's converter does. ``arch`` becomes ``general.architecture``.
+
+def write_tiny_gguf(path, state_dict: Mapping[str, torch.Tensor], quant: str = "Q8_0", arch: str = "wan",
+                    quantize: Callable[[str, torch.Tensor], bool] = _default_quantize, *,
+                    float_type: str = "BF16", nd_last: bool = False, shape_fix: bool = False,
+                    sort: bool = True) -> str:
+    """Write ``state_dict`` as a GGUF file laid out as the WAN GGUF files in circulation; returns the path.
+
+    The layout (see the comment above this function for where each rule comes from): tensors in
+    name order (``sort=False``: in ``state_dict``'s order) and without changing their names (pass
+    un-prefixed keys for a community-like file); tensors for which ``quantize(key, tensor)`` is true
+    (default: 2-D weights whose key contains ``blocks.``) in ``quant`` (a GGML type name, or the
+    llama-quantize mixes ``Q4_K_M`` / ``Q5_K_M``; a K-quant tensor whose rows are not a multiple of
+    256 elements is F16, as llama-quantize falls back); 1-D tensors, tensors of at most 1024
+    elements and ``.modulation`` in F32; every other tensor of 4 dims or fewer in ``float_type``
+    (the checkpoint's precision as convert.py keeps it: "BF16", "F16" or "F32"); tensors of more
+    than 4 dims as true N-D F32 tensors, each placed after the tensor named like it with ``.weight``
+    -> ``.bias`` (or, with ``nd_last`` or when there is none, at the end), as ``fix_5d_tensors.py``
+    does. Metadata: ``general.architecture`` = ``arch``, ``general.quantization_version``,
+    ``general.file_type``.
+
+    ``shape_fix=True``: convert.py's rearrangement for SD-like architectures (never done for WAN):
+    tensors of 2-4 dims with at least 512 elements, a multiple of 256 in all, whose last dim is not,
+    are stored as rows of 256 with their shape in the INT32 array ``comfy.gguf.orig_shape.<key>``.
+
+    gguf-py quantizes Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16; Q4_K, Q5_K and Q6_K are encoded here
+    (round to nearest with per-sub-block scales and mins: valid blocks, not llama.cpp's searched
+    ones). A :class:`GGUFTensor` value is written as stored, its bytes and type unchanged (any
+    type, e.g. Q2_K from existing bytes); one whose shape GGML cannot hold is stored as rows of 256
+    elements with ``comfy.gguf.orig_shape.<key>``.
     """
     import gguf
     import numpy as np
 
+    if quant not in _FILE_TYPES:
+        raise ValueError(f"quant must be one of {', '.join(_FILE_TYPES)}, got {quant!r}")
+    if float_type not in ("BF16", "F16", "F32"):
+        raise ValueError(f"float_type must be BF16, F16 or F32, got {float_type!r}")
     path = os.fspath(path)
+    keys = sorted(state_dict) if sort else list(state_dict)
+    nd = [k for k in keys if not isinstance(state_dict[k], GGUFTensor) and state_dict[k].ndim > 4]
+    order: List[str] = []
+    for key in keys:
+        if key in nd:
+            continue
+        order.append(key)
+        twin = key.replace(".bias", ".weight")  # fix_5d_tensors.py's pairing
+        if not nd_last and twin in nd and twin not in order:
+            order.append(twin)
+    order += [k for k in nd if k not in order]
+
     writer = gguf.GGUFWriter(path, arch)
     try:
-        for key, t in state_dict.items():
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])
+        for key in order:
+            t = state_dict[key]
             if isinstance(t, GGUFTensor):
-                qtype = gguf.GGMLQuantizationType[t.tensor_type]
+                name, logical = t.tensor_type, tuple(t.tensor_shape)
+                stored = _stored_shape(logical, name, shape_fix, fallback=True)
+                per_block, nbytes = block_size(name)
                 raw = t.as_subclass(torch.Tensor).detach().cpu().contiguous().reshape(-1).numpy()
-                logical = tuple(t.tensor_shape)
-                stored = _stored_shape(logical, t.tensor_type)
-                per_block, nbytes = block_size(t.tensor_type)
-                byte_shape = stored[:-1] + (stored[-1] // per_block * nbytes,)
-                writer.add_tensor(key, raw.reshape(byte_shape), raw_dtype=qtype)
-            elif quantize(key, t):
-                qtype = gguf.GGMLQuantizationType[quant]
-                logical = tuple(t.shape)
-                stored = _stored_shape(logical, quant)
-                arr = t.detach().to(torch.float32).cpu().contiguous().reshape(stored).numpy()
-                writer.add_tensor(key, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+                data = raw.reshape(stored[:-1] + (stored[-1] // per_block * nbytes,))
             else:
                 logical = tuple(t.shape)
-                stored = logical if len(logical) <= 4 else (logical[0], math.prod(logical[1:]))
-                arr = t.detach().to(torch.float32).cpu().contiguous().reshape(stored).numpy()
-                writer.add_tensor(key, np.ascontiguousarray(arr, dtype=np.float32))
+                # convert.py rearranges before llama-quantize sees the rows: their length decides
+                rows = logical if len(logical) > 4 else _stored_shape(logical, "F32", shape_fix)
+                name = _tensor_type(key, t, rows, quant, quantize, float_type)
+                stored = logical if len(logical) > 4 else _stored_shape(logical, name, shape_fix)
+                arr = t.detach().to(torch.float32).cpu().contiguous().numpy().reshape(stored)
+                data = _encode(arr, name, gguf, np)
+            writer.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[name])
             if stored != logical:
                 writer.add_array(ORIG_SHAPE_KEY.format(key), [int(d) for d in logical])
         writer.write_header_to_file()
@@ -405,14 +485,106 @@ def write_tiny_gguf(path, state_dict: Mapping[str, torch.Tensor], quant: str = "
     return path
 
 
-def _stored_shape(shape: Tuple[int, ...], type_name: str) -> Tuple[int, ...]:
-    """The shape a quantized tensor is written with: as is when GGML can hold it, else rows of one
-    block each (a row-major reinterpretation, recorded as orig_shape)."""
+def _tensor_type(key: str, t: torch.Tensor, rows: Tuple[int, ...], quant: str, quantize, float_type: str) -> str:
+    """The stored type of one tensor (stored, before any type, with the shape ``rows``), by the
+    converters' rules (comment above write_tiny_gguf)."""
+    if t.ndim > 4:
+        return "F32"  # fix_5d_tensors.py
+    if quantize(key, t):
+        name = _quant_type(quant, key)
+        if name in _K_QUANTS and (not rows or rows[-1] % _ROW):
+            return "F16"  # llama-quantize's fallback for K-quant rows of another length
+        return name
+    if t.ndim <= 1 or t.numel() <= _SMALL or ".modulation" in key:
+        return "F32"
+    return float_type
+
+
+def _encode(arr, name: str, gguf, np):
+    """The bytes gguf-py's writer takes for ``arr`` (float32, stored shape) in type ``name``."""
+    if name not in _ENCODABLE_K:
+        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType[name])
+    per_block, nbytes = block_size(name)
+    blocks = _encode_k(arr.reshape(-1, per_block), name, np)
+    return blocks.reshape(arr.shape[:-1] + (arr.shape[-1] // per_block * nbytes,))
+
+
+def _f16(x, np):
+    """``x`` rounded to fp16 (what the block stores) and back to float32."""
+    return x.astype(np.float16).astype(np.float32)
+
+
+def _div(a, b, np):
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+
+def _pack_nibbles(q, np):
+    """(..., 2, L) values < 16 -> (..., L) bytes: the first in the low nibble, the second in the high."""
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).astype(np.uint8)
+
+
+def _pack_fields(q, bits: int, np):
+    """(..., 8 / bits, L) values < 2**bits -> (..., L) bytes, the first field in the lowest bits."""
+    out = np.zeros(q.shape[:-2] + q.shape[-1:], dtype=np.uint8)
+    for f in range(q.shape[-2]):
+        out |= (q[..., f, :] << (bits * f)).astype(np.uint8)
+    return out
+
+
+def _encode_k(x, name: str, np):
+    """Blocks of 256 float32 values (n, 256) -> (n, bytes per block) of Q4_K / Q5_K / Q6_K.
+
+    Layouts (ggml's block_q4_K / q5_K / q6_K, as ``gguf_dequant`` reads them): Q4_K / Q5_K: fp16 d,
+    fp16 dmin, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32, (Q5_K: 32 bytes of fifth
+    bits), 128 bytes of 4-bit codes; value = d * scale * q - dmin * min. Q6_K: 128 bytes of low
+    nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales of sub-blocks of 16, fp16 d; value =
+    d * scale * (q - 32)."""
+    n = x.shape[0]
+    if name == "Q6_K":
+        sub = x.reshape(n, 16, 16)
+        step = np.abs(sub).max(axis=2) / 31                                   # (n, 16)
+        d = _f16(step.max(axis=1, keepdims=True) / 127, np)                   # (n, 1)
+        sc = np.clip(np.rint(_div(step, d, np)), 0, 127)
+        q = np.clip(np.rint(_div(sub, (d * sc)[..., None], np)), -32, 31).astype(np.int16) + 32
+        q = q.astype(np.uint8).reshape(n, 2, 2, 64)                           # element 128c + 64h + l
+        ql = _pack_nibbles(q & 0x0F, np).reshape(n, 128)
+        qh = _pack_fields((q >> 4).reshape(n, 2, 4, 32), 2, np).reshape(n, 64)  # element 128c + 32f + l
+        return np.concatenate([ql, qh, sc.astype(np.int8).view(np.uint8),
+                               d.astype(np.float16).view(np.uint8)], axis=1)
+    levels = 15 if name == "Q4_K" else 31
+    sub = x.reshape(n, 8, 32)
+    low = np.minimum(sub.min(axis=2), 0)
+    step, mins = (sub.max(axis=2) - low) / levels, -low                        # (n, 8)
+    d = _f16(step.max(axis=1, keepdims=True) / 63, np)
+    dmin = _f16(mins.max(axis=1, keepdims=True) / 63, np)
+    sc = np.clip(np.rint(_div(step, d, np)), 0, 63).astype(np.uint8)
+    mc = np.clip(np.rint(_div(mins, dmin, np)), 0, 63).astype(np.uint8)
+    q = np.rint(_div(sub + (dmin * mc)[..., None], (d * sc)[..., None], np))
+    q = np.clip(q, 0, levels).astype(np.uint8)                                 # (n, 8, 32)
+    scales = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mc[:, :4] | ((mc[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 0x0F) | ((mc[:, 4:] & 0x0F) << 4)], axis=1).astype(np.uint8)
+    head = [d.astype(np.float16).view(np.uint8), dmin.astype(np.float16).view(np.uint8), scales]
+    qs = _pack_nibbles((q & 0x0F).reshape(n, 4, 2, 32), np).reshape(n, 128)    # sub-block 2c + h
+    if name == "Q5_K":
+        head.append(_pack_fields(q >> 4, 1, np))                               # bit j: sub-block j
+    return np.concatenate(head + [qs], axis=1)
+
+
+def _stored_shape(shape: Tuple[int, ...], type_name: str, shape_fix: bool, fallback: bool = False
+                  ) -> Tuple[int, ...]:
+    """The shape a tensor of 4 dims or fewer is written with (a row-major reinterpretation recorded as
+    orig_shape when it differs). ``shape_fix``: convert.py's rearrangement into rows of 256 elements
+    of a tensor of 2-4 dims and at least 512 elements, a multiple of 256, whose last dim is not.
+    Otherwise as is, when GGML can hold it (rows of whole blocks); else, with ``fallback``, rows
+    of 256 elements."""
     per_block = block_size(type_name)[0]
-    if 1 <= len(shape) <= 4 and shape[-1] % per_block == 0:
-        return shape
     n = math.prod(shape)
-    if n % per_block:
-        raise GGUFFormatError(f"cannot store a {type_name} tensor of shape {shape}: {n} elements are not a "
-                              f"multiple of the block size ({per_block})")
-    return (n // per_block, per_block)
+    if shape_fix and 2 <= len(shape) <= 4 and n >= 512 and n % _ROW == 0 and shape[-1] % _ROW:
+        return (n // _ROW, _ROW)
+    if (1 <= len(shape) <= 4 and shape[-1] % per_block == 0) or (not shape and per_block == 1):
+        return shape
+    if fallback and n and n % _ROW == 0 and _ROW % per_block == 0:
+        return (n // _ROW, _ROW)
+    raise GGUFFormatError(f"cannot store a {type_name} tensor of shape {shape}: GGML holds rows of whole "
+                          f"blocks ({per_block} elements) in at most 4 dims, and convert.py rearranges only "
+                          "tensors of a multiple of 256 elements")

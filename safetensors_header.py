@@ -6,17 +6,27 @@ Layout: an 8-byte little-endian header length ``n``, ``n`` bytes of UTF-8 JSON, 
 section. The JSON maps tensor names to ``{"dtype", "shape", "data_offsets": [start, end]}`` (offsets
 relative to the data section) and may hold ``"__metadata__"``, a map of strings to strings.
 
-Rules (those of the ``safetensors`` library, which is how ComfyUI's own loader reads these files, so
-a file refused here is refused there too): the header length fits the file and the library's
-100 MB limit; the JSON is a UTF-8 object; shapes are lists of integers >= 0, offsets two integers
-(no floats, no booleans); a tensor's byte range holds exactly shape x element size bytes; sorted by
-offset, the byte ranges tile the data section: the first starts at 0, each starts where the one
-before ends (no overlap, no gap) and the last ends at the end of the file. On top of that, a tensor
-name may appear only once (the library keeps the last one silently) and no field may repeat.
+Rules, and why each may refuse a file: the writers of the files people load (the ``safetensors``
+library, which ComfyUI's save nodes, kijai's and Comfy-Org's fp8 files and diffusers all go through;
+ComfyUI reads them with it too) never produce what they refuse.
+
+* The header length fits the file and the library's 100 MB limit; the JSON is a UTF-8 object; shapes
+  are lists of integers >= 0, offsets two integers (no floats, no booleans); ``__metadata__`` maps
+  strings to strings; a tensor's byte range holds exactly shape x element size bytes; sorted by
+  offset, the byte ranges tile the data section: the first starts at 0, each starts where the one
+  before ends (no overlap, no gap) and the last ends at the end of the file. These are the
+  library's own checks: a file refused here is refused by ComfyUI's loader too. (The library pads
+  the header with spaces to a multiple of 8 bytes: JSON whitespace, accepted.)
+* A tensor name appears only once and no field repeats within an entry: beyond the library (its
+  JSON parser keeps the last of two equal names), but no writer can produce either, since every one
+  serialises a map; such a header was edited or damaged.
+* The dtype is one the caller reads (``dtype_sizes``; for the loaders: every whole-byte dtype the
+  library reads into torch, see ``weight_files``).
 
 Bounds: the JSON text is parsed only after counting its structure outside strings, so a header of
 millions of tiny values (a few bytes each in the file, tens of bytes each as Python objects) is an
-error before it costs memory; every size is a Python integer checked against the file's real size.
+error before it costs memory (``MAX_HEADER_VALUES``, 17 times a WAN 14B header's); every size is a
+Python integer checked against the file's real size.
 """
 from __future__ import annotations
 

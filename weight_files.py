@@ -42,12 +42,21 @@ log = get_logger("weights")
 
 __all__ = ["WeightFileError", "TensorEntry", "scan_weights", "read_weights", "file_format"]
 
-# safetensors dtype names -> torch dtypes (the ones a diffusion model file can hold)
-_ST_DTYPES = {
+# safetensors dtype names -> torch dtypes: every whole-byte dtype the safetensors library reads into
+# torch (which ComfyUI's loaders use), where this torch has it. ComfyUI keeps weights in any of its
+# float8 types (float8_e8m0fnu: MXFP8 block scales, --fp8_e8m0fnu-unet; the fnuz types) and its save
+# nodes write them, so a file of such a model holds F8_E8M0 / F8_E4M3FNUZ / F8_E5M2FNUZ tensors.
+# Not read: F4 (two values per byte, shape in values) and F6_*: torch has no whole-byte dtype for them,
+# and no writer of WAN files uses them (ComfyUI stores NVFP4 weights as U8).
+_ST_DTYPES = {name: dtype for name, dtype in {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+    "F8_E8M0": getattr(torch, "float8_e8m0fnu", None), "C64": torch.complex64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": getattr(torch, "uint64", None), "U32": getattr(torch, "uint32", None), "U16": getattr(torch, "uint16", None),
+    "U8": torch.uint8, "BOOL": torch.bool,
+}.items() if dtype is not None}
 
 
 class WeightFileError(ValueError):

@@ -2,10 +2,15 @@
 
 Forms (``FORMS``): safetensors bf16; safetensors with fp8 block matrices; ComfyUI's older fp8_scaled
 format (fp8 + ``scale_weight`` + ``scaled_fp8``); its newer mixed-precision format (fp8 +
-``weight_scale`` + ``comfy_quant``; both load through ComfyUI's own conversion); GGUF with F16,
-Q8_0 and Q4_K block matrices (each GGUF form carries ``comfy.gguf.orig_shape`` arrays: the 5-D
-patch embedding, and for Q4_K every matrix whose rows are not a multiple of 256). One WAN block,
-dim 128, text_dim 4096: the smallest model ComfyUI's own detection recognises.
+``weight_scale`` + ``comfy_quant``; both load through ComfyUI's own conversion); GGUF laid out as
+the WAN GGUF files in circulation (``gguf_reader.write_tiny_gguf``: ComfyUI-GGUF's convert.py +
+llama-quantize + fix_5d_tensors.py; no key prefix, block matrices quantized, 1-D weights and
+``.modulation`` F32, other matrices BF16, the 5-D ``patch_embedding.weight`` a true 5-D F32 tensor
+after ``patch_embedding.bias``) in Q8_0 and in the Q4_K_M mix (Q4_K and Q6_K, dim 256 so that the
+rows are whole K-quant blocks); and convert.py's other layout, tensors rearranged into rows of 256
+with ``comfy.gguf.orig_shape`` arrays (Q8_0). ``write_form`` also writes ``gguf_f16`` (convert.py's
+own F16 output), which is not fuzzed: its header has the Q8_0 form's structure. One WAN block, dim
+128 (256 for Q4_K_M), text_dim 4096: the smallest model ComfyUI's own detection recognises.
 
 :func:`mutants` makes the damaged copies, deterministically (``random.Random`` seeded by the form's
 name): truncation at every structural boundary (and one byte either side), bytes appended, bit flips
@@ -13,8 +18,9 @@ and byte runs (mostly in the header, some in the data), every length and count f
 set to 2**31, 2**32, 2**61, 2**62 and 2**64 - 1, data offsets past the end, and, for safetensors,
 rewritten headers (huge, negative, float and string dimensions, reversed, overlapping, shifted and
 swapped byte ranges, duplicate names and fields, other dtypes, bad metadata, nesting and value
-bombs). The structure (where each field is) comes from the original file, parsed by the reference
-readers (``json`` for safetensors, gguf-py for GGUF): never by the code under test.
+bombs); for the rearranged GGUF layout its ``orig_shape`` metadata only (fields, elements, cuts and
+flips in the key-value section). The structure (where each field is) comes from the original file,
+parsed by the reference readers (``json`` for safetensors, gguf-py for GGUF): never by the code under test.
 """
 from __future__ import annotations
 
@@ -26,14 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
-import numpy as np
 import torch
 
 from wan22_blockswap import tiny_wan
-from wan22_blockswap.gguf_dequant import block_size
-from wan22_blockswap.gguf_reader import GGUFTensor, write_tiny_gguf
+from wan22_blockswap.gguf_reader import write_tiny_gguf
 
-FORMS = ("st_bf16", "st_fp8", "st_fp8_scaled", "st_comfy_quant", "gguf_f16", "gguf_q8_0", "gguf_q4_k")
+FORMS = ("st_bf16", "st_fp8", "st_fp8_scaled", "st_comfy_quant", "gguf_q8_0", "gguf_q4_k_m", "gguf_q8_0_orig_shape")
 BIG = (2 ** 31, 2 ** 32, 2 ** 61, 2 ** 62, 2 ** 64 - 1)
 
 
@@ -43,24 +47,13 @@ class Mutant:
     data: bytes
 
 
-def tiny_state_dict(seed: int = 0) -> Dict[str, torch.Tensor]:
-    cfg = tiny_wan.tiny_config("t2v", dim=128, num_heads=1, ffn_dim=256, num_layers=1, text_dim=4096)
+def tiny_state_dict(seed: int = 0, dim: int = 128) -> Dict[str, torch.Tensor]:
+    cfg = tiny_wan.tiny_config("t2v", dim=dim, num_heads=dim // 128, ffn_dim=2 * dim, num_layers=1, text_dim=4096)
     return tiny_wan.WanModel(cfg).init_weights(seed).state_dict()
 
 
 def _block_matrix(key: str, t: torch.Tensor) -> bool:
     return t.ndim == 2 and key.startswith("blocks.") and key.endswith(".weight")
-
-
-def _q4_k_bytes(shape, seed: int) -> torch.Tensor:
-    """Random Q4_K blocks with small finite fp16 d / dmin (offsets 0 and 2 of each 144-byte block)."""
-    per_block, nbytes = block_size("Q4_K")
-    n = int(np.prod(shape)) // per_block
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(n, nbytes), dtype=np.uint8)
-    for off in (0, 2):
-        blocks[:, off:off + 2] = (rng.standard_normal(n) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 2)
-    return torch.from_numpy(blocks.reshape(-1))
 
 
 def write_form(form: str, path) -> Path:
@@ -90,11 +83,16 @@ def write_form(form: str, path) -> Path:
             out["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
         save_file({k: v.contiguous() for k, v in out.items()}, str(path), metadata=metadata)
         return path
-    quant = {"gguf_f16": "F16", "gguf_q8_0": "Q8_0", "gguf_q4_k": "Q4_K"}[form]
-    if quant == "Q4_K":
-        sd = {k: GGUFTensor.wrap(_q4_k_bytes(v.shape, i), "Q4_K", tuple(v.shape)) if v.ndim == 2 else v
-              for i, (k, v) in enumerate(sd.items())}
-    write_tiny_gguf(str(path), sd, quant=quant, quantize=lambda k, t: t.ndim == 2)
+    if form == "gguf_f16":  # convert.py's own output (from an fp16 checkpoint), 5-D tensor added back
+        write_tiny_gguf(str(path), sd, quant="F16", float_type="F16")
+    elif form == "gguf_q8_0":
+        write_tiny_gguf(str(path), sd, quant="Q8_0")
+    elif form == "gguf_q4_k_m":
+        write_tiny_gguf(str(path), tiny_state_dict(dim=256), quant="Q4_K_M")
+    elif form == "gguf_q8_0_orig_shape":
+        write_tiny_gguf(str(path), sd, quant="Q8_0", shape_fix=True)
+    else:
+        raise ValueError(f"unknown form {form!r}")
     return path
 
 
@@ -165,20 +163,26 @@ def _set(data: bytes, pos: int, width: int, value: int) -> bytes:
     return data[:pos] + value.to_bytes(width, "little") + data[pos + width:]
 
 
-def _byte_level(data: bytes, layout: Layout, rng: random.Random, n_header: int, n_data: int) -> Iterator[Mutant]:
+def _byte_level(data: bytes, layout: Layout, rng: random.Random, n_header: int, n_data: int,
+                tail: bytes = b"") -> Iterator[Mutant]:
+    """Truncations, appended bytes, bit flips and byte runs of ``data``; with ``tail``, ``data`` is
+    the first part of the file and ``tail`` the rest: only the first part is damaged (cuts stay in
+    it), the rest follows unchanged."""
     size, hend = len(data), layout.header_end
     cuts = set()
     for b in layout.boundaries:  # in the header also one byte either side of each boundary
         cuts |= {b - 1, b, b + 1} if b <= hend else {b}
     for cut in sorted(c for c in cuts if 0 <= c < size):
         yield Mutant(f"truncated to {cut} bytes", data[:cut])
-    yield Mutant("1 zero byte appended", data + b"\0")
-    yield Mutant("4096 random bytes appended", data + rng.randbytes(4096))
-    yield Mutant("the file appended to itself", data + data)
+    if not tail:
+        yield Mutant("1 zero byte appended", data + b"\0")
+        yield Mutant("4096 random bytes appended", data + rng.randbytes(4096))
+        yield Mutant("the file appended to itself", data + data)
     for i in range(n_header + n_data):
         pos = rng.randrange(hend) if i < n_header else rng.randrange(hend, size)
         bit = rng.randrange(8)
-        yield Mutant(f"bit {bit} of byte {pos} flipped", data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:])
+        yield Mutant(f"bit {bit} of byte {pos} flipped",
+                     data[:pos] + bytes([data[pos] ^ (1 << bit)]) + data[pos + 1:] + tail)
     for i in range(n_header // 2 + n_data // 2):
         pos = rng.randrange(hend) if i < n_header // 2 else rng.randrange(hend, size)
         length = rng.choice((1, 2, 3, 4, 8, 16, 64))
@@ -186,7 +190,7 @@ def _byte_level(data: bytes, layout: Layout, rng: random.Random, n_header: int, 
         run = {"zero": b"\0" * length, "ff": b"\xff" * length, "7f": b"\x7f" * length,
                "random": rng.randbytes(length)}[kind]
         run = run[:size - pos]
-        yield Mutant(f"{len(run)} {kind} bytes at {pos}", data[:pos] + run + data[pos + len(run):])
+        yield Mutant(f"{len(run)} {kind} bytes at {pos}", data[:pos] + run + data[pos + len(run):] + tail)
 
 
 def _field_values(name: str, width: int, original: int, size: int) -> List[int]:
@@ -194,15 +198,18 @@ def _field_values(name: str, width: int, original: int, size: int) -> List[int]:
     if width == 8 and "offset" in name:
         values += [size, size - 1, original + 32]
     if "dimension count" in name:
-        values += [5, 0]
+        values += [0, 4, 5, 6, 65]  # around 4 (ggml's C reader's limit) and past gguf-py's 64
     return sorted(set(values) - {original})
 
 
 def _gguf_fields(data: bytes, layout: Layout, rng: random.Random) -> Iterator[Mutant]:
-    """Every count and length of the file header and of the key-value pairs, and 30 of the tensor
-    infos' fields, set to each of ``_field_values``."""
-    tensor = rng.sample(layout.tensor_fields, min(30, len(layout.tensor_fields)))
-    for name, pos, width in layout.fields + tuple(tensor):
+    """Every count and length of the file header and of the key-value pairs, every field of the 5-D
+    ``patch_embedding.weight`` info, and 30 of the other tensor infos' fields, set to each of
+    ``_field_values``."""
+    nd = tuple(f for f in layout.tensor_fields if f[0].startswith("patch_embedding.weight:"))
+    rest = [f for f in layout.tensor_fields if f not in nd]
+    tensor = nd + tuple(rng.sample(rest, min(30, len(rest))))
+    for name, pos, width in layout.fields + tensor:
         original = int.from_bytes(data[pos:pos + width], "little")
         for value in _field_values(name, width, original, len(data)):
             yield Mutant(f"{name} set to {value}", _set(data, pos, width, value))
@@ -279,14 +286,44 @@ def _safetensors_rewrites(data: bytes, rng: random.Random) -> Iterator[Mutant]:
     yield Mutant("1e400 in a shape", in_shape("1e400,"))
 
 
+def _orig_shape_metadata(data: bytes, layout: Layout, path, rng: random.Random) -> Iterator[Mutant]:
+    """For the rearranged layout, what only it has: the ``comfy.gguf.orig_shape`` arrays. Their key
+    and array fields (three arrays) set to each of ``_field_values``, each element of one array set
+    to 0, -1, 2**31 - 1 and its neighbour's value, truncation at every key-value boundary (and one
+    byte either side), and bit flips inside the key-value section."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    base = reader.data.ctypes.data
+    arrays = [f for name, f in reader.fields.items() if name.startswith("comfy.gguf.orig_shape.")]
+    chosen = {f.name for f in rng.sample(arrays, min(3, len(arrays)))}
+    for name, pos, width in layout.fields:
+        if name.split(":")[0] in chosen or name in ("tensor count", "kv count"):
+            original = int.from_bytes(data[pos:pos + width], "little")
+            for value in _field_values(name, width, original, len(data)):
+                yield Mutant(f"{name} set to {value}", _set(data, pos, width, value))
+    field = next(f for f in arrays if f.name in chosen)
+    elements = [int(field.parts[i].ctypes.data - base) for i in field.data]
+    for j, pos in enumerate(elements):
+        neighbour = int.from_bytes(data[elements[j - 1]:elements[j - 1] + 4], "little")
+        for value in (0, -1, 2 ** 31 - 1, neighbour):
+            yield Mutant(f"{field.name}[{j}] set to {value}", _set(data, pos, 4, value))
+    kv_end = min(t.field.offset for t in reader.tensors)
+    kv = Layout(kv_end, tuple(b for b in layout.boundaries if b <= kv_end), ())
+    yield from _byte_level(data[:kv_end], kv, rng, n_header=40, n_data=0, tail=data[kv_end:])
+
+
 def mutants(form: str, data: bytes, path) -> Iterator[Mutant]:
     """The seeded corpus for ``form``'s original bytes ``data`` (written at ``path``), one at a time
-    (each is a copy of the file)."""
+    (each is a copy of the file). The rearranged GGUF layout (``..._orig_shape``) gets the mutants
+    of its own metadata only: the rest of its structure is the same as the other GGUF forms'."""
     rng = random.Random(f"wan22-blockswap fuzz {form}")
     if form.startswith("st_"):
         layout = _safetensors_layout(data)
         yield from _byte_level(data, layout, rng, n_header=110, n_data=12)
         yield from _safetensors_rewrites(data, rng)
+    elif form.endswith("_orig_shape"):
+        yield from _orig_shape_metadata(data, _gguf_layout(path), path, rng)
     else:
         layout = _gguf_layout(path)
         yield from _byte_level(data, layout, rng, n_header=110, n_data=12)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from file_corpus import mutants, write_form
-from test_file_validation import ARCH, ARRAY, D16, U8, gguf_bytes, info, kv, st_bytes, t
+from test_file_validation import ARCH, ARRAY, D16, U8, _last_tensor_end, gguf_bytes, info, kv, st_bytes, t
 from test_comfyui_real import MODEL, _graph, _latent, _pack_loader, _req, _run, server  # noqa: F401 - server: fixture
 
 pytestmark = [pytest.mark.comfyui,
@@ -70,6 +70,7 @@ def bad_files(folder: Path):
 
     st = write_form("st_bf16", folder / "valid.safetensors").read_bytes()
     gg = write_form("gguf_q8_0", folder / "valid.gguf").read_bytes()
+    last, end = _last_tensor_end(folder / "valid.gguf")
     crafted = CRAFTED_SECONDS
     return [
         ("wan22bs_bad_array_2e61.gguf", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", U8, 2 ** 61))]),
@@ -81,6 +82,10 @@ def bad_files(folder: Path):
         ("wan22bs_bad_offset.gguf", gguf_bytes([ARCH], [info("a.weight", [4], 0, 2 ** 62)], b"\0" * 32),
          r"data offset: 4611686018427387904, expected 0", crafted),
         ("wan22bs_bad_cut.gguf", gg[:len(gg) // 2], r"truncated or corrupt GGUF file", MAX_SECONDS),
+        # a community-layout file cut one byte short of its last tensor's end (gguf-py's reading)
+        ("wan22bs_bad_one_byte_short.gguf", gg[:end - 1],
+         rf"truncated or corrupt GGUF file: tensor '{re.escape(last)}' .*needs bytes \d+\.\.{end}, but the file has {end - 1}",
+         MAX_SECONDS),
         ("wan22bs_bad_overlap.safetensors",
          st_bytes({"a": t("U8", [8], 0, 8), "b": t("U8", [8], 4, 12), "c": t("U8", [4], 12, 16)}, D16),
          r"tensor 'b' starts at data byte 4 and overlaps 'a'", MAX_SECONDS),

@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,35 +278,59 @@ def _gguf_available() -> str:
     return ""
 
 
-def _write_gguf(path: Path) -> dict:
-    """The tiny WAN t2v of `_write_assets` as a GGUF file: arch "wan" (ComfyUI-GGUF's loader checks
-    general.architecture against its IMG_ARCH_LIST), every 2-D weight inside blocks.* quantized to Q8_0,
-    everything else F32 (norms, biases, modulations, embeddings, head: ComfyUI's WAN detection reads
-    their shapes). Returns {key: qtype name}."""
+def _write_gguf(path: Path, variant: str = "t2v", quant: str = "Q8_0", dim: int = 128, seed: int = 3) -> dict:
+    """A tiny WAN model (by default the t2v of `_write_assets`) as the WAN GGUF files in circulation
+    are laid out (``write_tiny_gguf``: ComfyUI-GGUF's convert.py + llama-quantize + fix_5d_tensors.py;
+    arch "wan", no key prefix, block matrices in ``quant``, 1-D weights and modulations F32, other
+    matrices BF16, the 5-D patch embedding a true 5-D F32 tensor). Returns {key: type name}, as gguf-py
+    reads the file, in file order."""
     import gguf
 
     from wan22_blockswap import tiny_wan
+    from wan22_blockswap.gguf_reader import write_tiny_gguf
 
-    cfg = tiny_wan.tiny_config("t2v", dim=128, num_heads=1, ffn_dim=256, num_layers=8, text_dim=4096)
-    sd = tiny_wan.WanModel(cfg).init_weights(3).state_dict()
-    Q = gguf.GGMLQuantizationType
+    cfg = tiny_wan.tiny_config(variant, dim=dim, num_heads=dim // 128, ffn_dim=2 * dim, num_layers=8, text_dim=4096)
+    sd = tiny_wan.WanModel(cfg).init_weights(seed).state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    w = gguf.GGUFWriter(str(tmp), arch="wan")
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    kinds = {}
-    for k, v in sd.items():
-        a = v.detach().float().contiguous().numpy()
-        qt = Q.Q8_0 if (k.startswith("blocks.") and a.ndim == 2) else Q.F32
-        data = gguf.quants.quantize(a, qt)
-        w.add_tensor(k, data, raw_dtype=qt)
-        kinds[k] = qt.name
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_tiny_gguf(str(tmp), sd, quant=quant)
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp)).tensors}
     os.replace(tmp, path)  # a server that lists the folder never sees a half-written file
     return kinds
+
+
+def _comfyui_gguf_dequantize():
+    """ComfyUI-GGUF's own ``dequantize(data, qtype, shape, dtype)``, from its dequant.py in custom_nodes."""
+    import importlib.util
+
+    where = Path(os.environ["COMFYUI_PATH"]).resolve() / "custom_nodes" / "ComfyUI-GGUF" / "dequant.py"
+    spec = importlib.util.spec_from_file_location("wan22bs_comfyui_gguf_dequant", where)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dequantize
+
+
+def _write_dequantized(gguf_path: Path, path: Path, by: str = "gguf-py") -> None:
+    """The GGUF file's weights dequantized into an F32 safetensors file, what UNETLoader loads as the
+    reference for the quantized model: by gguf-py (the reference reader), or by ComfyUI-GGUF's own
+    dequantization as its layers do it on a CPU (``dequantize(..., dtype=None)``: its arithmetic in
+    the blocks' fp16, then widened), which is the reference for the Unet Loader (GGUF) path."""
+    import gguf
+    from safetensors.torch import save_file
+
+    comfyui_gguf = _comfyui_gguf_dequantize() if by == "ComfyUI-GGUF" else None
+    sd = {}
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        shape = tuple(reversed(t.shape.tolist()))
+        if comfyui_gguf is not None and t.tensor_type.name not in ("F32", "F16"):
+            raw = torch.from_numpy(np.array(t.data))
+            sd[t.name] = comfyui_gguf(raw, t.tensor_type, torch.Size(shape), dtype=None).float().reshape(shape)
+        else:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            sd[t.name] = torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shape)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +341,7 @@ def gguf_model(server):
     comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
     kinds = _write_gguf(comfy / "models" / "diffusion_models" / GGUF_MODEL)
     assert sum(q == "Q8_0" for q in kinds.values()) == 8 * 10  # 4 self-attn + 4 cross-attn + 2 ffn per block
+    assert kinds["patch_embedding.weight"] == "F32" and "BF16" in kinds.values()
     obj = _req(server["base"], "/object_info/UnetLoaderGGUF")
     assert "UnetLoaderGGUF" in obj, "ComfyUI-GGUF's nodes are not registered: " + server["log"].read_text()[-3000:]
     assert GGUF_MODEL in obj["UnetLoaderGGUF"]["input"]["required"]["unet_name"][0], obj
@@ -324,6 +350,14 @@ def gguf_model(server):
 
 def _gguf_loader(name):
     return {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": name}}
+
+
+def _gguf_kinds(name) -> dict:
+    """{tensor name: type name} of a GGUF file in ComfyUI's models folder, read with gguf-py."""
+    import gguf
+
+    path = Path(os.environ["COMFYUI_PATH"]).resolve() / "models" / "diffusion_models" / name
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
 
 
 def test_gguf_q8_ksampler_identical_with_swap_and_lora(server, gguf_model):
@@ -337,7 +371,11 @@ def test_gguf_q8_ksampler_identical_with_swap_and_lora(server, gguf_model):
         "swap8_lora": [_swap(8), LORA_NODE],  # every LoRA key on a streamed quantized weight
     }, loader=_gguf_loader(gguf_model)))
     log = server["log"].read_text()
-    assert "gguf qtypes: F32 (151), Q8_0 (80)" in log, log[-3000:]
+    counts = {}
+    for name in _gguf_kinds(gguf_model).values():  # ComfyUI-GGUF lists the types in order of first use
+        counts[name] = counts.get(name, 0) + 1
+    expected = "gguf qtypes: " + ", ".join(f"{k} ({v})" for k, v in counts.items())
+    assert expected in log, (expected, log[-3000:])
     for name in ("plain", "swap8", "lora_swap"):  # ComfyUI-GGUF's patcher, ComfyUI's WAN 2.1 detection
         info = json.loads(outputs[f"{name}_info"]["text"][0])
         assert info["patcher"] == "GGUFModelPatcher", info
@@ -376,6 +414,54 @@ def test_gguf_swapped_branch_keeps_gguf_patcher_and_streams_quantized_bytes(serv
     assert "6 units streamed, 2 blocks resident" in summary, summary
     assert f"ring 2 x {format_bytes(block_bytes)}" in summary, (block_bytes, summary)
     assert "D2H 0 B" in summary, summary
+
+
+# --- WAN GGUF files as they are in circulation, through every entry point -------------------------
+@pytest.mark.parametrize("quant,variant", [("Q8_0", "t2v"), ("Q8_0", "i2v"), ("Q4_K_M", "t2v"), ("Q4_K_M", "i2v")])
+def test_community_gguf_identical_with_swap_through_every_entry_point(server, quant, variant, summary_lines):
+    """A WAN GGUF laid out as city96's and QuantStack's files (the 5-D patch embedding a true 5-D F32
+    tensor after its bias; Q4_K_M: Q4_K and Q6_K block matrices, dim 256 so their rows are whole
+    K-quant blocks), loaded by WAN BlockSwap Model Loader, by WAN BlockSwap Model Loader (swap at
+    load) and by ComfyUI-GGUF's Unet Loader (GGUF) followed by the swap node: each gives the same
+    latent with swap on and off, and the pack's loaders the same latent as UNETLoader on the file's
+    weights dequantized by gguf-py."""
+    why = _gguf_available()
+    if why:
+        pytest.skip(why)
+    models = Path(os.environ["COMFYUI_PATH"]).resolve() / "models" / "diffusion_models"
+    name = f"wan22bs_tiny_{variant}_{quant.lower()}_community.gguf"
+    kinds = _write_gguf(models / name, variant, quant, dim=256 if quant.startswith("Q4_K") else 128, seed=8)
+    expected_types = {"Q8_0": {"Q8_0"}, "Q4_K_M": {"Q4_K", "Q6_K"}}[quant]
+    assert {t for k, t in kinds.items() if k.startswith("blocks.") and k.endswith(".weight")
+            and t not in ("F32",)} == expected_types
+    names = list(kinds)
+    assert names[names.index("patch_embedding.weight") - 1] == "patch_embedding.bias"
+    ref_name = name.replace(".gguf", "_dequantized.safetensors")
+    ref_gg_name = name.replace(".gguf", "_dequantized_by_comfyui_gguf.safetensors")
+    _write_dequantized(models / name, models / ref_name)
+    _write_dequantized(models / name, models / ref_gg_name, by="ComfyUI-GGUF")
+    tag = f"community{quant}{variant}{uuid.uuid4().hex[:6]}"
+    swap_inputs = dict(_swap(5)[1], vram_budget="off")
+    for label, reference in (("ref", ref_name), ("refgg", ref_gg_name)):
+        unet = {"class_type": "UNETLoader", "inputs": {"unet_name": reference, "weight_dtype": "default"}}
+        _run(server, _graph(f"{tag}_{label}", {"plain": []}, loader=unet))
+    _run(server, _graph(f"{tag}_gg", {"plain": [], "swap": [_swap(5)]}, loader=_gguf_loader(name)))
+    _run(server, _graph(f"{tag}_pk", {"plain": [], "swap": [_swap(5)]},
+                        loader=_pack_loader("WANModelLoader", "gguf", name)))
+    _run(server, _graph(f"{tag}_bs", {"plain": []},
+                        loader=_pack_loader("WAN22BlockSwapLoader", "gguf", name, **swap_inputs)))
+    ref, ref_gg = _latent(server, f"{tag}_ref_plain"), _latent(server, f"{tag}_refgg_plain")
+    assert torch.isfinite(ref).all() and ref.std() > 0
+    gg, pk = _latent(server, f"{tag}_gg_plain"), _latent(server, f"{tag}_pk_plain")
+    assert torch.equal(_latent(server, f"{tag}_gg_swap"), gg)
+    assert torch.equal(_latent(server, f"{tag}_pk_swap"), pk)
+    assert torch.equal(_latent(server, f"{tag}_bs_plain"), pk)
+    assert torch.equal(pk, ref)  # the pack's dequantization is gguf-py's, bit for bit
+    assert torch.equal(gg, ref_gg)  # Unet Loader (GGUF): its own dequantization of the same file
+    diff = (ref_gg - ref).abs().max().item()  # what ComfyUI-GGUF's fp16 block arithmetic changes
+    summary_lines.append(f"real ComfyUI, community {quant} {variant} GGUF: swap on = off through all three entry "
+                         f"points, each = its dequantized reference exactly; ComfyUI-GGUF's dequantization vs "
+                         f"gguf-py's: max |latent diff| {diff:.2e} (latent max {ref.abs().max().item():.1f})")
 
 
 # --- WAN 2.2 high/low experts (KSamplerAdvanced split) --------------------------------------------

@@ -228,6 +228,6 @@ def test_every_mutant_is_answered_in_bounded_time_and_memory(form, originals, tm
         f"exactly as the file holds them" + (f", {len(failures)} WRONG" if failures else "")
         + f"; slowest {worst_s * 1000:.1f} ms, most extra peak RSS {worst_rss / 2 ** 20:.1f} MiB"
         + ("" if PeakRSS().exact else " (RSS after each load: peak not measurable here)"))
-    assert total >= 300
+    assert total >= (150 if form.endswith("_orig_shape") else 300)  # that form: its own metadata only
     assert counts["refused"] > 0
     assert not failures, f"{len(failures)} of {total} mutants answered wrongly:\n" + "\n".join(failures[:30])

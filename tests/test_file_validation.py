@@ -15,13 +15,16 @@ import struct
 import time
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
 import comfy.model_management as mm
 
 from wan22_blockswap.config import BlockSwapError
 from wan22_blockswap.gguf_dequant import GGUFFormatError
-from wan22_blockswap.gguf_header import MAX_ARRAY_ELEMENTS, MAX_KV_PAIRS, MAX_TENSORS, check_gguf_header
+from wan22_blockswap.gguf_header import (MAX_ARRAY_DEPTH, MAX_ARRAY_ELEMENTS, MAX_DIMS, MAX_KV_PAIRS, MAX_TENSORS,
+                                         check_gguf_header)
 from wan22_blockswap.gguf_reader import load_gguf_state_dict
 from wan22_blockswap.model_loader import load_wan_model
 from wan22_blockswap.weight_files import WeightFileError, scan_weights
@@ -83,6 +86,11 @@ def gguf_bytes(kvs=(), infos=(), data=b"", *, version=3, n_tensors=None, n_kv=No
     return head + b"\0" * (-len(head) % alignment) + data
 
 
+def nested(levels: int, leaf: bytes = struct.pack("<IQ", U8, 1) + b"\7") -> bytes:
+    """An array value ``levels`` arrays deep (each holding one array; the innermost ``leaf``)."""
+    return struct.pack("<IQ", ARRAY, 1) * (levels - 1) + leaf
+
+
 ARCH = kv("general.architecture", STRING, s("wan"))
 ONE = info("a.weight", [4], F32, 0)
 ONE_DATA = struct.pack("<4f", 1, 2, 3, 4) + b"\0" * 16
@@ -105,10 +113,19 @@ def crafted_gguf():
         r"'general.name'.*string of length 4611686018427387904"
     yield "tensor name length 2**32", gguf_bytes([ARCH], [struct.pack("<Q", 2 ** 32) + b"abc" * 10]), \
         r"tensor info 1 of 1, name: a string of length 4294967296"
-    yield "nested array", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 1) + struct.pack("<IQ", U8, 1) + b"\0")]), \
-        r"arrays of arrays"
+    yield "arrays nested 65 deep", gguf_bytes([kv("k", ARRAY, nested(MAX_ARRAY_DEPTH + 1))]), \
+        rf"'k'\): arrays of arrays nested more than {MAX_ARRAY_DEPTH} deep"
+    yield "arrays nested 100000 deep", gguf_bytes([kv("k", ARRAY, nested(100_000))]), r"nested more than"
+    yield "array of 2**61 arrays", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 2 ** 61))]), \
+        r"array of 2305843009213693952 ARRAY values needs"
+    yield "inner array of 2**61", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 1)
+                                                  + struct.pack("<IQ", U8, 2 ** 61))]), \
+        r"'k'\), array at depth 1: an array of 2305843009213693952 UINT8 values needs"
+    yield "arrays of arrays of 8196 elements", gguf_bytes([kv("k", ARRAY, struct.pack("<IQ", ARRAY, 2) + (
+        struct.pack("<IQ", U8, 4097) + b"\0" * 4097) * 2)]), r"metadata arrays hold 8196\+ elements"
     yield "unknown value type", gguf_bytes([kv("k", 13, b"\0" * 8)]), r"'k'\): unknown value type 13"
-    yield "5 dimensions", gguf_bytes([ARCH], [info("a", [1, 1, 1, 1, 1], F32, 0)], ONE_DATA), r"'a'\): 5 dimensions"
+    yield "65 dimensions", gguf_bytes([ARCH], [info("a", [1] * (MAX_DIMS + 1), F32, 0)], ONE_DATA), \
+        rf"'a'\): {MAX_DIMS + 1} dimensions; gguf-py reads tensors of at most {MAX_DIMS}"
     yield "2**31 dimensions", gguf_bytes([ARCH], [s("a") + struct.pack("<I", 2 ** 31) + b"\0" * 40]), \
         r"2147483648 dimensions"
     yield "dimensions overflow", gguf_bytes([ARCH], [info("a", [2 ** 32, 2 ** 32], F32, 0)], ONE_DATA), \
@@ -195,6 +212,137 @@ def test_orig_shape_metadata_must_be_dimensions(tmp_path):
         assert str(path) in str(err) and "must list 1 to 8 dimensions >= 0" in str(err)
 
 
+def test_arrays_of_arrays_are_read_as_gguf_py_reads_them(tmp_path):
+    """gguf-py's writer writes metadata arrays of arrays and its reader reads them (ggml's C reader
+    does not): the header check steps over them, down to MAX_ARRAY_DEPTH levels, and the file loads."""
+    import gguf
+
+    path = tmp_path / "nested.gguf"
+    w = gguf.GGUFWriter(str(path), "wan")
+    w.add_array("x.nested", [[1, 2, 3], [4], [5, 6]])        # gguf-py writes an ARRAY of INT32 arrays
+    w.add_tensor("a.weight", np.arange(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    field = gguf.GGUFReader(str(path)).get_field("x.nested")
+    assert [int(field.parts[i][0]) for i in field.data] == [1, 2, 3, 4, 5, 6]
+    assert [t.name for t in check_gguf_header(path).tensors] == ["a.weight"]
+    assert load_gguf_state_dict(path)[0]["a.weight"].tolist() == [0, 1, 2, 3]
+    assert [e.key for e in scan_weights(path)[1]] == ["a.weight"]
+    deep = tmp_path / "deep.gguf"                              # the deepest nesting read: MAX_ARRAY_DEPTH levels
+    deep.write_bytes(gguf_bytes([ARCH, kv("k", ARRAY, nested(MAX_ARRAY_DEPTH))], [ONE], ONE_DATA))
+    assert gguf.GGUFReader(str(deep)).get_field("k").parts[-1].tolist() == [7]
+    assert load_gguf_state_dict(deep)[0]["a.weight"].tolist() == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# the size bound at its edge (a file one byte short), and keys that clash once prefixes are stripped
+
+def _last_tensor_end(path) -> tuple:
+    """(name, end) of the tensor whose data ends last, as gguf-py (the reference reader) reads it."""
+    import gguf
+
+    last = max(gguf.GGUFReader(str(path)).tensors, key=lambda t: int(t.data_offset) + int(t.n_bytes))
+    return last.name, int(last.data_offset) + int(last.n_bytes)
+
+
+@pytest.mark.parametrize("nd_last", [False, True], ids=["5-D after its bias", "5-D appended last"])
+def test_a_gguf_one_byte_short_is_refused_by_the_header_check(tmp_path, nd_last):
+    """A WAN GGUF as the converters write it, cut to exactly the end of its last tensor's data (the
+    padding after it is optional: gguf-py reads such a file), loads; one byte less is refused by
+    the header check itself, naming the file and the tensor, before gguf-py or anything later reads it.
+    With the 5-D tensor appended last (fix_5d_tensors.py's case of a kernel without a bias), that
+    tensor is the one cut."""
+    from file_corpus import tiny_state_dict
+
+    from wan22_blockswap.gguf_reader import write_tiny_gguf
+
+    full = write_tiny_gguf(tmp_path / "full.gguf", tiny_state_dict(), nd_last=nd_last)
+    name, end = _last_tensor_end(full)
+    assert (name == "patch_embedding.weight") == nd_last
+    data = open(full, "rb").read()
+    assert len(data) - 32 < end <= len(data)                   # at most the alignment's padding follows
+    edge, short = tmp_path / "edge.gguf", tmp_path / "short.gguf"
+    edge.write_bytes(data[:end])
+    short.write_bytes(data[:end - 1])
+    assert check_gguf_header(edge).tensors[-1].name == name
+    assert [t.name for t in check_gguf_header(edge).tensors] == [t.name for t in check_gguf_header(full).tensors]
+    assert [e.key for e in scan_weights(edge)[1]] == [e.key for e in scan_weights(full)[1]]
+    load_wan_model(edge)
+    message = rf"{re.escape(str(short))}: truncated or corrupt GGUF file: tensor '{re.escape(name)}' .*needs " \
+              rf"bytes \d+\.\.{end}, but the file has {end - 1}"
+    with pytest.raises(GGUFFormatError, match=message):
+        check_gguf_header(short)
+    for reader in (load_gguf_state_dict, scan_weights, load_wan_model):  # the header check's message, not a later one
+        err = answered_fast(reader, short)
+        assert re.search(message, str(err)), (reader.__name__, str(err))
+
+
+def test_the_gguf_size_bound_at_its_edge_without_padding(tmp_path):
+    """The last tensor's data (20 bytes, not a multiple of the alignment) ending exactly at the end of
+    the file is read, by gguf-py and by the pack; one byte less is refused by the header check."""
+    import gguf
+
+    values = struct.pack("<5f", 1, 2, 3, 4, 5)
+    exact, short = tmp_path / "exact.gguf", tmp_path / "short.gguf"
+    exact.write_bytes(gguf_bytes([ARCH], [ONE, info("b.weight", [5], F32, 32)], ONE_DATA + values))
+    short.write_bytes(gguf_bytes([ARCH], [ONE, info("b.weight", [5], F32, 32)], ONE_DATA + values[:-1]))
+    assert gguf.GGUFReader(str(exact)).tensors[1].data.tolist() == [1, 2, 3, 4, 5]
+    assert check_gguf_header(exact).tensors[1].offset + 20 == exact.stat().st_size
+    assert load_gguf_state_dict(exact)[0]["b.weight"].tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(GGUFFormatError, match=rf"{re.escape(str(short))}: .*tensor 'b.weight' \(F32 \[5\]\) needs "
+                                              rf"bytes \d+\.\.{exact.stat().st_size}, but the file has "
+                                              rf"{exact.stat().st_size - 1}"):
+        check_gguf_header(short)
+
+
+def _clash(sd: dict, key: str, prefix: str) -> dict:
+    """``sd`` plus a second tensor for ``key`` under ``prefix`` (other values, so a load that kept
+    either one silently would be wrong half the time)."""
+    return {**sd, prefix + key: sd[key] + 1}
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_two_tensors_that_map_to_one_key_are_refused_safetensors(tmp_path, prefix):
+    """``model.diffusion_model.x`` beside ``x`` in one safetensors file: valid JSON, distinct names, so
+    only the loader's own check after stripping the prefix can see it; the error names the file."""
+    from safetensors.torch import save_file
+
+    from file_corpus import tiny_state_dict
+
+    key = "blocks.0.ffn.0.bias"
+    path = tmp_path / "clash.safetensors"
+    save_file({k: v.contiguous() for k, v in _clash(tiny_state_dict(), key, prefix).items()}, str(path))
+    with pytest.raises(WeightFileError, match=rf"{re.escape(str(path))}: two tensors map to the key '{key}'"):
+        scan_weights(path)
+    with pytest.raises(BlockSwapError, match=rf"{re.escape(str(path))}: two tensors map to the key '{key}'"):
+        load_wan_model(path)
+    both = tmp_path / "both_prefixes.safetensors"                 # the two prefixes against each other
+    save_file({"model.diffusion_model.a": D16_T, "diffusion_model.a": D16_T + 1}, str(both))
+    with pytest.raises(WeightFileError, match=rf"{re.escape(str(both))}: two tensors map to the key 'a'"):
+        scan_weights(both)
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_two_tensors_that_map_to_one_key_are_refused_gguf(tmp_path, prefix):
+    """The same in a GGUF file (gguf-py reads it: the names differ): refused by both GGUF readers and
+    the loader, naming the file and the key."""
+    from file_corpus import tiny_state_dict
+
+    from wan22_blockswap.gguf_reader import write_tiny_gguf
+
+    key = "blocks.0.ffn.0.bias"
+    path = write_tiny_gguf(tmp_path / "clash.gguf", _clash(tiny_state_dict(), key, prefix))
+    message = rf"{re.escape(str(path))}: two tensors map to the key '{key}'"
+    with pytest.raises(GGUFFormatError, match=message):
+        load_gguf_state_dict(path)
+    with pytest.raises(WeightFileError, match=message):
+        scan_weights(path)
+    with pytest.raises(BlockSwapError, match=message):
+        load_wan_model(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # safetensors
 
@@ -208,6 +356,7 @@ def t(dtype, shape, start, end):
 
 
 D16 = bytes(range(16))
+D16_T = torch.arange(16, dtype=torch.float32)
 
 
 def crafted_safetensors():
@@ -253,6 +402,36 @@ def test_crafted_safetensors_is_an_error_naming_the_file_and_field(tmp_path, cas
     err = answered_fast(scan_weights, path)
     assert isinstance(err, WeightFileError) and str(path) in str(err), repr(err)
     assert re.search(message, str(err)), str(err)
+
+
+def test_every_whole_byte_dtype_the_safetensors_library_writes_is_read(tmp_path):
+    """ComfyUI's save nodes write whatever dtype a model holds through the safetensors library (an
+    MXFP8 model's block scales are float8_e8m0fnu; ComfyUI also keeps weights in the fnuz float8
+    types): the scan accepts each such file and the bytes read are the library's own reading.
+    Two values per byte (float4_e2m1fn_x2, "F4") are refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from wan22_blockswap.weight_files import read_weights
+
+    names = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+             "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "int64", "int32", "int16", "int8", "uint64",
+             "uint32", "uint16", "uint8", "bool"]
+    raw = torch.arange(96, dtype=torch.uint8).reshape(4, 24)
+    tensors = {n: raw.view(getattr(torch, n)).clone() for n in names if hasattr(torch, n)}
+    assert len(tensors) == len(names)                              # torch 2.13 has every one of them
+    path = tmp_path / "dtypes.safetensors"
+    save_file(tensors, str(path))
+    ref = load_file(str(path))
+    fmt, entries, _ = scan_weights(path)
+    got = read_weights(path, entries)
+    assert fmt == "safetensors" and set(got) == set(ref) == set(tensors)
+    for n, t in ref.items():
+        assert got[n].dtype == t.dtype and got[n].shape == t.shape, n
+        assert torch.equal(got[n].view(torch.uint8), t.view(torch.uint8)), n
+    f4 = tmp_path / "f4.safetensors"
+    save_file({"w": raw.view(torch.float4_e2m1fn_x2)}, str(f4))
+    with pytest.raises(WeightFileError, match=rf"{re.escape(str(f4))}: tensor 'w' has dtype F4, .*readable: .*F8_E8M0"):
+        scan_weights(f4)
 
 
 def test_the_reference_reader_refuses_the_ranges_the_pack_refuses(tmp_path):

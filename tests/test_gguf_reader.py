@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,29 @@ def wan_sd():
     return tiny_wan.WanModel(cfg).init_weights(0).state_dict()
 
 
-def is_quantized_key(key, t):  # write_tiny_gguf's default rule
+def is_quantized_key(key, t):  # llama-quantize's choice for WAN (write_tiny_gguf's default rule)
     return t.ndim == 2 and "blocks." in key and key.endswith("weight")
+
+
+def community_type(key, t, quant="Q8_0", other="BF16"):
+    """The type a WAN GGUF in circulation stores ``key`` in (ComfyUI-GGUF's convert.py, its patched
+    llama-quantize, fix_5d_tensors.py): block matrices quantized, tensors of more than 4 dims F32,
+    1-D / small / ``.modulation`` tensors F32, the other matrices in the checkpoint's precision."""
+    if t.ndim > 4:
+        return "F32"
+    if is_quantized_key(key, t):
+        return quant
+    if t.ndim <= 1 or t.numel() <= 1024 or ".modulation" in key:
+        return "F32"
+    return other
+
+
+def community_order(keys):
+    """Tensor names in file order: sorted (safetensors hands convert.py sorted keys, llama-quantize
+    keeps the order), the 5-D ``patch_embedding.weight`` right after ``patch_embedding.bias``."""
+    rest = sorted(k for k in keys if k != "patch_embedding.weight")
+    i = rest.index("patch_embedding.bias") + 1
+    return rest[:i] + ["patch_embedding.weight"] + rest[i:]
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +83,36 @@ def file_mappings(path):
 # round trip
 
 def test_round_trip_tiny_wan_q8_0(wan_sd, q8_file):
+    """The file is laid out as the WAN GGUFs in circulation (read back with gguf-py, the reference
+    reader), and the pack reads every tensor as stored: F32 and BF16 as plain tensors, the 5-D
+    patch embedding with its 5-D shape, Q8_0 as GGUFTensor bytes that dequantize like gguf-py's."""
+    reader = gguf.GGUFReader(q8_file)
+    meta = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert list(meta) == ["general.architecture", "general.quantization_version", "general.file_type"]
+    assert bytes(meta["general.architecture"].parts[-1]).decode() == "wan"
+    assert int(meta["general.quantization_version"].parts[-1][0]) == gguf.GGML_QUANT_VERSION
+    assert int(meta["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert [t.name for t in reader.tensors] == community_order(wan_sd)
+    starts = [int(t.data_offset) for t in reader.tensors]
+    assert starts == sorted(starts)                                 # data in header order
+    pe = reader.tensors[[t.name for t in reader.tensors].index("patch_embedding.weight")]
+    assert pe.tensor_type.name == "F32" and pe.shape.tolist() == list(reversed(wan_sd["patch_embedding.weight"].shape))
+    expected_types = {k: community_type(k, t) for k, t in wan_sd.items()}
+    assert {t.name: t.tensor_type.name for t in reader.tensors} == expected_types
+
     sd, info = load_gguf_state_dict(q8_file)
-    assert list(sd) == list(wan_sd)
+    assert list(sd) == community_order(wan_sd)
     quantized = {k for k, t in wan_sd.items() if is_quantized_key(k, t)}
     assert len(quantized) == 20                          # 2 blocks x (4 + 4 attention + 2 ffn)
     assert info == {"architecture": "wan", "file_size": os.path.getsize(q8_file),
-                    "tensor_types": {"F32": len(wan_sd) - 20, "Q8_0": 20}}
+                    "tensor_types": dict(Counter(expected_types.values()))}
+    assert set(info["tensor_types"]) == {"F32", "BF16", "Q8_0"}
     for key, ref in wan_sd.items():
         t = sd[key]
-        if key not in quantized:
-            assert type(t) is torch.Tensor and t.dtype == torch.float32, key
-            assert t.shape == ref.shape and torch.equal(t, ref), key   # 5-D patch_embedding included
+        if expected_types[key] in ("F32", "BF16"):
+            dtype = torch.float32 if expected_types[key] == "F32" else torch.bfloat16
+            assert type(t) is torch.Tensor and t.dtype == dtype, key
+            assert t.shape == ref.shape and torch.equal(t, ref.to(dtype)), key   # 5-D patch_embedding included
             continue
         assert type(t) is GGUFTensor and t.tensor_type == "Q8_0", key
         assert t.shape == ref.shape                                    # logical shape, torch order
@@ -105,13 +146,16 @@ def test_round_trip_other_gguf_py_quants(wan_sd, tmp_path, quant):
 
 
 def test_f16_and_bf16_become_plain_tensors(wan_sd, tmp_path):
-    # gguf-py reads F16 as float16 arrays but BF16 as raw bytes (..., 2n): both come back typed
+    # gguf-py reads F16 as float16 arrays but BF16 as raw bytes (..., 2n): both come back typed.
+    # convert.py's own output: every big tensor in the checkpoint's precision, small ones F32
     for quant, dtype in (("F16", torch.float16), ("BF16", torch.bfloat16)):
-        sd, info = load_gguf_state_dict(write_tiny_gguf(tmp_path / f"{quant}.gguf", wan_sd, quant=quant))
-        assert info["tensor_types"][quant] == 20
-        t = sd["blocks.0.self_attn.q.weight"]
-        assert type(t) is torch.Tensor and t.dtype == dtype
-        assert torch.equal(t, wan_sd["blocks.0.self_attn.q.weight"].to(dtype))
+        path = write_tiny_gguf(tmp_path / f"{quant}.gguf", wan_sd, quant=quant, float_type=quant)
+        sd, info = load_gguf_state_dict(path)
+        assert info["tensor_types"] == dict(Counter(community_type(k, t, quant, quant) for k, t in wan_sd.items()))
+        for key in ("blocks.0.self_attn.q.weight", "text_embedding.0.weight"):
+            t = sd[key]
+            assert type(t) is torch.Tensor and t.dtype == dtype
+            assert torch.equal(t, wan_sd[key].to(dtype))
 
 
 def random_blocks(name, shape, seed):
@@ -127,8 +171,8 @@ def random_blocks(name, shape, seed):
 
 
 @pytest.mark.parametrize("name,shape", [("Q4_K", (8, 512)), ("Q6_K", (3, 256)),
-                                        # last dim not a multiple of 256: stored as rows of one
-                                        # block, real shape in comfy.gguf.orig_shape.*
+                                        # last dim not a multiple of 256: stored as rows of 256,
+                                        # real shape in comfy.gguf.orig_shape.*
                                         ("Q2_K", (4, 2, 128))])
 def test_k_quant_bytes_written_as_stored(tmp_path, name, shape):
     raw = random_blocks(name, shape, seed=len(shape))
@@ -147,7 +191,7 @@ def test_k_quant_bytes_written_as_stored(tmp_path, name, shape):
 def test_prefixes_stripped(tmp_path):
     sd_in = {"model.diffusion_model.a.weight": torch.ones(2, 3), "diffusion_model.b.weight": torch.zeros(3),
              "c.weight": torch.full((1,), 2.0)}
-    sd, _ = load_gguf_state_dict(write_tiny_gguf(tmp_path / "p.gguf", sd_in))
+    sd, _ = load_gguf_state_dict(write_tiny_gguf(tmp_path / "p.gguf", sd_in, sort=False))
     assert list(sd) == ["a.weight", "b.weight", "c.weight"]
     clash = {"model.diffusion_model.a": torch.ones(1), "a": torch.ones(1)}
     with pytest.raises(GGUFFormatError, match="two tensors map to the key 'a'"):
@@ -179,7 +223,7 @@ def test_loading_does_not_read_the_data_and_hides_the_not_writable_warning(tmp_p
     """In a fresh process (torch warns once per process): host RSS grows by far less than the file
     while loading, and torch's "NumPy array is not writable" warning is not shown."""
     path = write_tiny_gguf(tmp_path / "big.gguf", {f"blocks.{i}.w": torch.ones(1024, 2048) for i in range(8)},
-                           quantize=lambda k, t: k.startswith("blocks.1"))   # 7 x 8 MiB F32 + one Q8_0
+                           quantize=lambda k, t: k.startswith("blocks.1"), float_type="F32")  # 7 x 8 MiB F32 + one Q8_0
     script = textwrap.dedent(f"""
         import gc, sys, warnings
         sys.path.insert(0, {str(ROOT)!r})

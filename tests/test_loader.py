@@ -25,8 +25,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
 def tiny_sd(variant="t2v", seed=0, layers=8, **overrides):
-    cfg = tiny_wan.tiny_config(variant, dim=128, num_heads=1, ffn_dim=256, num_layers=layers,
-                               text_dim=4096, **overrides)
+    cfg = tiny_wan.tiny_config(variant, **{"dim": 128, "num_heads": 1, "ffn_dim": 256, "num_layers": layers,
+                                           "text_dim": 4096, **overrides})
     return tiny_wan.WanModel(cfg).init_weights(seed).state_dict()
 
 
@@ -172,16 +172,23 @@ def dequantized_reference(path):
                       for k, v in sd.items()})
 
 
-@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q5_1"])
-def test_gguf_equals_its_dequantized_weights(tmp_path, quant):
-    path = write_gguf(tmp_path, tiny_sd(), quant)
+@pytest.mark.parametrize("quant,variant,dim,layers", [("Q8_0", "t2v", 128, 8), ("Q4_0", "t2v", 128, 8),
+                                                      ("Q4_K_M", "i2v", 256, 4)])
+def test_gguf_equals_its_dequantized_weights(tmp_path, quant, variant, dim, layers):
+    """A WAN GGUF laid out as the files in circulation (write_tiny_gguf: block matrices quantized, the
+    K-quant mix with Q6_K, other matrices BF16, the 5-D patch embedding F32): the same model as
+    ComfyUI's own loader builds from its dequantized weights."""
+    sd = tiny_sd(variant, layers=layers, dim=dim, num_heads=dim // 128, ffn_dim=2 * dim)
+    path = write_gguf(tmp_path, sd, quant)
     patcher, info, text = load_wan_model(path, model_type="gguf")
     q = patcher.model.diffusion_model.blocks[0].self_attn.q.weight
-    assert isinstance(q, GGUFTensor) and q.tensor_type == quant  # kept quantized in memory
+    stored = quant.removesuffix("_M")
+    assert isinstance(q, GGUFTensor) and q.tensor_type == stored  # kept quantized in memory
+    assert patcher.model.diffusion_model.patch_embedding.weight.dim() == 5
     ref = dequantized_reference(path)
     assert torch.equal(forward(patcher), forward(ref))
     assert sample(patcher).equal(sample(ref))
-    assert quant in text and info.num_blocks == 8
+    assert stored in text and info.num_blocks == layers
 
 
 def test_gguf_lora_and_swap(tmp_path):
