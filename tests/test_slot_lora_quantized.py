@@ -63,7 +63,7 @@ def _quantize_layers(patcher, layout):
     return out
 
 
-def _factors(layer, weight, seed):
+def _factors(weight, seed):
     g = torch.Generator().manual_seed(seed)
     out_f, in_f = weight.shape
     # large enough to move the weight's absolute maximum: the requantized scale must differ
@@ -100,7 +100,7 @@ def test_lora_on_quantized_weights_lands_in_the_slot_with_its_new_scale(layout):
     expected = {}
     for i, (layer, w) in enumerate(originals.items()):
         key = f"diffusion_model.{layer}.weight"
-        up, down = _factors(layer, w, 40 + i)
+        up, down = _factors(w, 40 + i)
         assert lora.add_patches({key: _lora_adapter(up, down)}, STRENGTH) == [key]
         expected[layer] = _expected(w, up, down, key)
     for layer in STREAMED:  # the LoRA changes the scale too, so a stale scale cannot pass unseen
