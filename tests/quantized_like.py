@@ -8,15 +8,21 @@ The facts the engine must respect, which both show: ``.data =`` does not reach t
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, Optional
 
+import pytest
 import torch
 from torch import nn
 
-try:  # comfy_kitchen is a dev requirement; without it only the own wrapper runs
+# comfy_kitchen is a dev requirement (requirements-dev.txt). Without it its layouts are skipped, each
+# with this reason, and test_quantized.py's test_comfy_kitchen_is_installed fails in the default tier.
+try:
     from comfy_kitchen.tensor import QuantizedTensor
-except ImportError:  # pragma: no cover - exercised on machines without the wheel
+    CK_MISSING = None
+except ImportError as err:  # a broken or missing wheel: say which, never drop the layouts silently
     QuantizedTensor = None
+    CK_MISSING = (f"comfy_kitchen cannot be imported ({type(err).__name__}: {err}); it is a dev requirement: "
+                  "pip install -r requirements-dev.txt")
 
 # layout id -> (comfy_kitchen layout, quantize kwargs); ComfyUI v0.28 registers these (its E4M3 and
 # E5M2 classes are comfy_kitchen's TensorCoreFP8Layout with the fp8 dtype fixed).
@@ -96,9 +102,17 @@ class ScaledInt8Tensor(torch.Tensor):
         return func(*[plain(a) for a in args], **{k: plain(v) for k, v in kwargs.items()})
 
 
-def layouts() -> List[str]:
-    """The layout ids the default tier can build here: comfy_kitchen's when importable, our own always."""
-    return ([*CK_LAYOUTS] if QuantizedTensor is not None else []) + ["own_int8"]
+def ck_layout_params(ids: Optional[Iterable[str]] = None) -> list:
+    """pytest params for comfy_kitchen layouts (all, or ``ids``); a visible skip naming the import
+    error for each when comfy_kitchen is missing."""
+    marks = [] if CK_MISSING is None else [pytest.mark.skip(reason=CK_MISSING)]
+    return [pytest.param(i, id=i, marks=marks) for i in (CK_LAYOUTS if ids is None else ids)]
+
+
+def layouts() -> list:
+    """Every layout id as a pytest param: comfy_kitchen's (skipped with the reason when it cannot be
+    imported) and our own."""
+    return ck_layout_params() + [pytest.param("own_int8", id="own_int8")]
 
 
 def quantize(w: torch.Tensor, layout: str) -> torch.Tensor:

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from wan22_blockswap import budget as B
-from wan22_blockswap.block_manager import BlockSwapEngine, packed_bytes
-from wan22_blockswap.config import BlockSwapError, SwapSettings, ring_size
+from wan22_blockswap.block_manager import BlockSwapEngine
+from wan22_blockswap.config import BlockSwapError, SwapSettings
+from by_hand import ring_slots, stored_bytes, wan_activation_bytes
 from conftest import comfy_layout_model, run_model
 
 GiB = B.GiB
@@ -28,9 +29,9 @@ def plan_reference(name, bytes_per_param, preset, prefetch=1):
 
 
 def need(sizes, k, other, act, reserve, prefetch):
-    """Direct arithmetic: device bytes with the last k blocks streamed."""
+    """Direct arithmetic: device bytes with the last k blocks streamed (the ring counted by hand)."""
     n = len(sizes)
-    ring = ring_size(prefetch, k) * max(sizes[n - k:], default=0)
+    ring = ring_slots(prefetch, k) * max(sizes[n - k:], default=0)
     return other + sum(sizes[:n - k]) + ring + act + reserve
 
 
@@ -285,15 +286,18 @@ def test_planner_rejects_bad_input():
 
 def test_auto_plan_on_a_tiny_model_matches_arithmetic_and_the_engine(caplog):
     model, inputs = comfy_layout_model("t2v", dtype=torch.float32)
-    sizes = [packed_bytes(b) for b in model.blocks]
+    sizes = [stored_bytes(b) for b in model.blocks]  # by hand: every tensor at 256-byte steps
+    assert len(set(sizes)) == 1
     other = sum(p.numel() * 4 for n, p in model.named_parameters() if not n.startswith("blocks."))
-    dims = B.ModelDims.from_module(model)
-    act = B.estimate_activation_bytes(dims, 832, 480, 81)
+    b0 = model.blocks[0]
+    # 832x480x81 through the 8x VAE and 1x2x2 patches: 21 x 30 x 52 tokens
+    act = wan_activation_bytes(dim=b0.self_attn.q.weight.shape[0], ffn_dim=b0.ffn[0].weight.shape[0],
+                               num_heads=b0.self_attn.num_heads, tokens=21 * 30 * 52)
     # room for 3 resident blocks and the 2-slot ring: the last 5 of 8 stream
     free = other + act + B.DEFAULT_RESERVE + 3 * sizes[0] + 2 * sizes[0]
     with caplog.at_level(logging.INFO, logger="wan22_blockswap"):
         c = B.auto_blocks_for(model, "auto (free VRAM, 480p)", free)
-    assert (c.blocks_to_swap, c.fits, c.ring_bytes) == (5, True, 2 * sizes[0])
+    assert (c.blocks_to_swap, c.fits, c.ring_bytes, c.activation_bytes) == (5, True, 2 * sizes[0], act)
     assert c.resident_bytes == other + 3 * sizes[0]
     assert c.explanation.startswith("auto (free VRAM, 480p) (832x480x81): ")
     assert c.explanation in caplog.text

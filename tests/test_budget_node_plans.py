@@ -2,9 +2,9 @@
 model fits every card preset, so there the plan is always 0).
 
 The only thing a node takes from the GPU for ``auto`` is the free memory (``nodes.free_device_bytes``);
-the test stands in for the card by returning a budget computed here, from the model's measured block
-sizes, its other weights, the activation estimate and the reserve, for a chosen number of streamed
-blocks: the node must stream exactly the last that many, one more when the budget is one byte
+the test stands in for the card by returning a budget computed here by hand (tests/by_hand.py), from
+the model's block shapes, its other weights, the documented activation estimate and the reserve, for a
+chosen number of streamed blocks: the node must stream exactly the last that many, one more when the budget is one byte
 smaller, every block (with a warning) when nothing fits. Stand-in and real ComfyUI (COMFYUI_PATH).
 """
 import gc
@@ -14,10 +14,9 @@ import pytest
 import comfy.model_management as mm
 
 from wan22_blockswap import nodes
-from wan22_blockswap.block_manager import packed_bytes
-from wan22_blockswap.budget import AUTO_480P, DEFAULT_RESERVE, ModelDims, estimate_activation_bytes
-from wan22_blockswap.config import ring_size, tensor_bytes, unwrap
+from wan22_blockswap.budget import AUTO_480P, DEFAULT_RESERVE
 from wan22_blockswap.nodes import WAN22BlockSwap, WAN22BlockSwapLooperModels, WAN22BlockSwapSequencer
+from by_hand import ring_slots, stored_bytes, wan_activation_bytes
 from test_node import load, sample
 
 ARGS = dict(offload_txt_emb=False, offload_img_emb=False, use_non_blocking=True, vace_blocks_to_swap=0,
@@ -33,12 +32,15 @@ def _unload_between_tests():
 
 def budget_for(patcher, streamed: int, prefetch: int) -> int:
     """Free bytes at which streaming the last ``streamed`` blocks just fits (480p, 81 frames)."""
-    m = unwrap(patcher.model.diffusion_model)
-    sizes = [packed_bytes(unwrap(b)) for b in m.blocks]
+    m = patcher.model.diffusion_model  # the input model: no stand-ins, plain weights
+    sizes = [stored_bytes(b) for b in m.blocks]
     n = len(sizes)
-    other = sum(tensor_bytes(p) for name, p in m.named_parameters() if not name.startswith("blocks."))
-    activations = estimate_activation_bytes(ModelDims.from_module(m), 832, 480, 81)
-    ring = ring_size(prefetch, streamed) * max(sizes[n - streamed:], default=0)
+    other = sum(p.numel() * p.element_size() for name, p in m.named_parameters() if not name.startswith("blocks."))
+    b0 = m.blocks[0]
+    # 832x480x81 through the 8x VAE and 1x2x2 patches: 21 x 30 x 52 tokens
+    activations = wan_activation_bytes(dim=b0.self_attn.q.weight.shape[0], ffn_dim=b0.ffn[0].weight.shape[0],
+                                       num_heads=b0.self_attn.num_heads, tokens=21 * 30 * 52)
+    ring = ring_slots(prefetch, streamed) * max(sizes[n - streamed:], default=0)
     return other + activations + DEFAULT_RESERVE + sum(sizes[:n - streamed]) + ring
 
 

@@ -27,6 +27,7 @@ def test_even_placement_is_spread_and_distinct(num, count):
 def test_ring_size_rules():
     assert ring_size(0, 10) == 2 and ring_size(1, 10) == 2 and ring_size(2, 10) == 3
     assert ring_size(5, 3) == 3  # never more slots than streamed units
+    assert ring_size(1, 1) == 1 and ring_size(0, 1) == 1 and ring_size(3, 2) == 2  # ... even below 2
     assert ring_size(1, 0) == 0
 
 

@@ -1,6 +1,8 @@
 """Pre-flight checks at node apply time: host RAM for every prepared model, ComfyUI's pin cap, the
 90 % VRAM rule. RAM and VRAM figures are injected; nothing large is allocated."""
 import gc
+import math
+import re
 
 import pytest
 import torch
@@ -8,11 +10,11 @@ import torch
 import comfy.model_management as mm
 
 from wan22_blockswap import preflight
-from wan22_blockswap.block_manager import packed_bytes
-from wan22_blockswap.callbacks import _ENGINES, apply_block_swap, full_model_size, pin_budget_left
-from wan22_blockswap.config import BlockSwapError, SwapSettings, tensor_bytes
+from wan22_blockswap.callbacks import _ENGINES, apply_block_swap, pin_budget_left
+from wan22_blockswap.config import BlockSwapError, SwapSettings
 from wan22_blockswap.nodes import WAN22BlockSwapLooperModels, WAN22BlockSwapSequencer
 from wan22_blockswap.utils import format_bytes, host_ram_message, pin_budget_message, vram_message
+from by_hand import stored_bytes
 from test_looper import SETTINGS
 from test_node import load, sample, swap
 
@@ -60,7 +62,7 @@ def test_weights_already_in_host_ram_need_one_block_of_headroom(monkeypatch):
     # Units in RAM are repacked one at a time (the engine's rule), so two experts that already sit
     # in RAM are not refused for their full size.
     model = load()
-    block = packed_bytes(model.model.diffusion_model.blocks[7])
+    block = stored_bytes(model.model.diffusion_model.blocks[7])
     _available(monkeypatch, block)
     assert swap(model, 6) is not model
     _available(monkeypatch, block - 1)
@@ -78,7 +80,7 @@ def _off_host(seed):
 
 def test_both_experts_are_summed_for_the_looper_models_node(monkeypatch):
     high, low = _off_host(0), _off_host(1)
-    one = sum(packed_bytes(b) for b in _blocks(high, range(2, 8)))  # 6 streamed blocks
+    one = sum(stored_bytes(b) for b in _blocks(high, range(2, 8)))  # 6 streamed blocks
     _available(monkeypatch, one * 3 // 2)
     assert swap(high, 6) is not high and swap(low, 6) is not low  # each alone fits
     before = (_snapshot(high), _snapshot(low))
@@ -96,7 +98,7 @@ def test_both_experts_are_summed_for_the_looper_models_node(monkeypatch):
 
 def test_clones_of_one_model_are_counted_once(monkeypatch):
     model = _off_host(0)
-    one = sum(packed_bytes(b) for b in _blocks(model, range(2, 8)))
+    one = sum(stored_bytes(b) for b in _blocks(model, range(2, 8)))
     _available(monkeypatch, one)
     ph, pl = WAN22BlockSwapLooperModels().apply(model, model.clone(), **SETTINGS)  # same weights
     assert ph is not pl
@@ -123,24 +125,73 @@ def _as_cuda(model, monkeypatch):
     return model
 
 
+_SIZE = r"([0-9.]+ (?:B|KiB|MiB|GiB))"
+_PIN_NOTE = re.compile(rf"^{_SIZE} of the {_SIZE} host copies exceed ComfyUI's pinned-memory cap \({_SIZE} left\) "
+                       r"and stay pageable: those blocks copy slower and synchronously\. Swap fewer blocks or use "
+                       r"an fp8/GGUF model to avoid it\.$")
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def _assert_pin_note(line, pageable, masters, left):
+    """``line`` is the pin note with these byte figures (shown to two decimals of their unit)."""
+    found = _PIN_NOTE.match(line)
+    assert found, line
+    for shown, expected in zip(found.groups(), (pageable, masters, left)):
+        value, unit = shown.split()
+        assert abs(float(value) * _UNITS[unit] - expected) <= 0.005 * _UNITS[unit], (line, expected)
+        assert 1 <= expected / _UNITS[unit] < 1024 or unit in ("B", "GiB"), (line, expected)
+
+
+def _no_pin_note(text):
+    return not any(_PIN_NOTE.match(line) or "pageable" in line for line in text.splitlines())
+
+
 def test_pin_cap_is_reported_up_front(monkeypatch, caplog):
     model = _as_cuda(load(), monkeypatch)
-    masters = sum(packed_bytes(b) for b in _blocks(model, range(4, 8)))
+    masters = sum(stored_bytes(b) for b in _blocks(model, range(4, 8)))
     monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", masters // 4, raising=False)
     monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 0, raising=False)
     with caplog.at_level("WARNING", logger="wan22_blockswap"):
         _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
-    expected = pin_budget_message(masters, masters // 4)
-    assert text.splitlines()[0] == "Plan: 4/8 blocks streamed" and text.splitlines()[-1] == expected
-    assert f"{format_bytes(masters - masters // 4)} of the {format_bytes(masters)} host copies" in expected
-    assert "stay pageable" in expected and "synchronously" in expected
-    assert any(expected in r.getMessage() for r in caplog.records)
-    # no pinning without asynchronous copies, and none under an ample cap
-    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4, use_non_blocking=False))
-    assert "pageable" not in text
-    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 10 * masters, raising=False)
+    note = text.splitlines()[-1]
+    assert text.splitlines()[0] == "Plan: 4/8 blocks streamed"
+    _assert_pin_note(note, masters - masters // 4, masters, masters // 4)
+    assert sum(r.getMessage().count(note) for r in caplog.records) == 1  # logged once, in full
+    # ComfyUI's own pins and other engines' pins come off the cap
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", masters // 8, raising=False)
     _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
-    assert "pageable" not in text
+    left = masters // 4 - masters // 8
+    _assert_pin_note(text.splitlines()[-1], masters - left, masters, left)
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 0, raising=False)
+    # no pinning without asynchronous copies, and no note when the cap holds them exactly
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4, use_non_blocking=False))
+    assert _no_pin_note(text)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", masters, raising=False)
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
+    assert _no_pin_note(text)
+
+
+def test_pin_note_counts_the_stored_bytes_of_quantized_blocks(monkeypatch):
+    """The note is about what will be page-locked: the packed host copies, in their stored form. An
+    fp8 model's logical bytes (its QuantizedTensor reports the bf16/fp32 dtype) are 2-4x that."""
+    from quantized_like import CK_MISSING, quantize_blocks
+
+    if CK_MISSING:
+        pytest.skip(CK_MISSING)
+    model = _as_cuda(load(), monkeypatch)
+    quantize_blocks(model.model.diffusion_model, "fp8_e4m3")
+    blocks = _blocks(model, range(4, 8))
+    stored = sum(stored_bytes(b) for b in blocks)
+    logical = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
+    assert 2 * stored < logical  # fp8 in an fp32 model: the two counts are far apart
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 0, raising=False)
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", stored, raising=False)  # exactly room for them
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
+    assert text.splitlines()[0] == "Plan: 4/8 blocks streamed" and _no_pin_note(text)
+    cap = stored // 2
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", cap, raising=False)
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=4))
+    _assert_pin_note(text.splitlines()[-1], stored - cap, stored, cap)
 
 
 def test_pin_budget_counts_what_other_engines_pinned(monkeypatch):
@@ -173,15 +224,21 @@ def test_vram_message_is_a_pure_function():
 
 def _on_gpu(model, n, slots=2):
     """Resident weights + ring for the last ``n`` blocks streamed, counted independently."""
+    m = model.model  # all ComfyUI loads: the diffusion model and the rest (model_sampling's tables)
+    full = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # fp32, no stand-ins
     blocks = _blocks(model, range(8 - n, 8))
-    return (full_model_size(model) - sum(tensor_bytes(p) for b in blocks for p in b.parameters())
-            + slots * max(packed_bytes(b) for b in blocks))
+    return (full - sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
+            + slots * max(stored_bytes(b) for b in blocks))
 
 
 def test_vram_check_at_apply_names_the_blocks_needed_and_never_raises(monkeypatch, caplog):
     model = _as_cuda(load(), monkeypatch)
-    total = int(_on_gpu(model, 6) / 0.9) + 1  # 6 streamed blocks fit in 90 %, 5 do not
-    assert _on_gpu(model, 5) > 0.9 * total
+    total = math.ceil(_on_gpu(model, 6) / 0.9)  # 6 streamed blocks just fit in 90 %, 5 do not
+    assert 0.9 * (total - 1) < _on_gpu(model, 6) <= 0.9 * total and _on_gpu(model, 5) > 0.9 * total
+    # one byte less of card and the 6 no longer fit: the check counts every byte the plan keeps
+    monkeypatch.setattr(preflight, "device_total_memory", lambda device: total - 1)
+    _, text = apply_block_swap(model, SwapSettings(blocks_to_swap=6))
+    assert "Set blocks_to_swap to at least 7" in text
     monkeypatch.setattr(preflight, "device_total_memory", lambda device: total)
     with caplog.at_level("WARNING", logger="wan22_blockswap"):
         clone, text = apply_block_swap(model, SwapSettings(blocks_to_swap=2))

@@ -14,6 +14,7 @@ import torch
 from wan22_blockswap.block_manager import BlockSwapEngine, SharedRing
 from wan22_blockswap.config import SwapSettings
 from conftest import comfy_layout_model, denoise
+from by_hand import stored_bytes
 from stream_order import RecordingRuntime, SabotagedRuntime, check
 
 
@@ -70,8 +71,12 @@ def _scenario(rt, variant="t2v", stream=None, transform=False, steps=3, **settin
 def test_ring_sizes_and_placements_keep_stream_order(prefetch, placement):
     rt = RecordingRuntime()
     counts, s = _scenario(rt, blocks_to_swap=5, prefetch_blocks=prefetch, placement=placement)
-    assert counts["uses"] == 5 * 3 and counts["copies"] >= 5 * 3
-    assert s["pinned_bytes"] == s["host_bytes"] > 0  # every master page-locked, whole pages each
+    # the ring is smaller than the 5 streamed blocks: each forward copies all 5, and the last one
+    # preloads the first ``prefetch`` of a next forward
+    assert counts == {"uses": 5 * 3, "copies": 5 * 3 + prefetch}
+    model, _ = comfy_layout_model("t2v")
+    pages = -(-stored_bytes(model.blocks[0]) // 4096) * 4096  # every master page-locked, whole pages each
+    assert s["pinned_bytes"] == s["host_bytes"] == 5 * pages
     assert s["stalls"] == 1  # only the very first copy: the rest, across forwards, was prefetched
 
 
@@ -84,7 +89,8 @@ def test_vace_repeated_order_keeps_stream_order():
 def test_slot_transforms_keep_stream_order():
     rt = RecordingRuntime()
     counts, _ = _scenario(rt, transform=True, blocks_to_swap=4)
-    assert counts["uses"] > 4 * 3  # the transforms' writes were checked as uses too
+    # the transform's writes were checked as uses too: one per copy of a block, before its kernels
+    assert counts == {"uses": 4 * 3 * 2, "copies": 4 * 3 + 1}
 
 
 def test_a_non_default_compute_stream_keeps_stream_order_and_teardown_waits_for_it():
@@ -101,7 +107,7 @@ def test_pageable_masters_keep_stream_order_and_are_copied_after_the_running_blo
     counts, s = _scenario(rt, blocks_to_swap=5, pin_budget_bytes=0)
     assert s["pinned_bytes"] == 0 and "pin budget" in s["pageable_reason"]
     copies = [op for op in rt.ops if op.kind == "copy"]
-    assert copies and all(op.blocking for op in copies)
+    assert len(copies) == 5 * 3 + 1 and all(op.blocking for op in copies)
     # A pageable copy makes the host wait: issued before the running block's kernels it would leave the
     # GPU idle. So every copy is issued after the previous block's kernels: the next use is its unit.
     ops = [op for op in rt.ops if op.kind in ("copy", "use")]
