@@ -77,9 +77,12 @@ def test_outputs_equal_no_swap(variant, lora):
     reference = sample(base)
     for n in (0, 3, 8):
         extra = {"vace_blocks_to_swap": 1} if variant == "vace" else {}
-        out = sample(with_lora(swap(model, n, offload_txt_emb=True, **extra)) if lora
-                     else swap(model, n, offload_txt_emb=True, **extra))
+        swapped = swap(model, n, offload_txt_emb=True, **extra)
+        out = sample(with_lora(swapped) if lora else swapped)
         assert torch.equal(out, reference), f"{variant} N={n}: {(out - reference).abs().max()}"
+        # the same output is also what streaming nothing gives: these units were copied into slots in this run
+        units = {f"blocks.{i}" for i in range(8 - n, 8)} | {"text_embedding"} | ({"vace_blocks.1"} if extra else set())
+        assert set(_ENGINES[model.model.diffusion_model].tracker.unit_copies) == units, (variant, n)
 
 
 def test_lora_before_the_node_and_strength_changes_take_effect():
