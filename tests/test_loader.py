@@ -156,6 +156,7 @@ def test_fp8_swap_and_lora_identical_to_resident(tmp_path):
     ref = sample(with_lora(model))
     for n in (3, 8):
         assert sample(with_lora(swap(model, n))).equal(ref)
+        assert set(_ENGINES[model.model.diffusion_model].tracker.unit_copies) == {f"blocks.{i}" for i in range(8 - n, 8)}
     assert not sample(model).equal(ref)  # the LoRA changed something
 
 
@@ -203,6 +204,7 @@ def test_gguf_lora_and_swap(tmp_path):
     for n in (3, 8):
         assert sample(swap(model, n)).equal(plain)
         assert sample(with_lora(swap(model, n))).equal(out)
+        assert set(_ENGINES[model.model.diffusion_model].tracker.unit_copies) == {f"blocks.{i}" for i in range(8 - n, 8)}
     # the patches are taken off again: the plain model is unchanged afterwards
     assert sample(model).equal(plain)
 
@@ -313,7 +315,11 @@ def test_blockswap_loader_packs_masters_at_load(model_dir, fmt):
     # read straight into page-aligned buffers the engine adopted as masters (no second copy)
     assert all(u.master.data_ptr() % 4096 == 0 and u.nbytes <= u.master.numel() + 4096 for u in engine._units)
     # the streamed blocks already sit in their host masters, in their stored form (GGUF: quantized)
-    assert engine.plan.block_indices == (3, 4, 5, 6, 7) and engine.tracker.host_bytes >= raw > 0
+    assert engine.plan.block_indices == (3, 4, 5, 6, 7)
+    # each block's buffer: its tensors at 256-byte steps, in whole 4 KiB pages (so it can be page-locked)
+    aligned = [sum(-(-torch.Tensor.numel(p) * p.element_size() // 256) * 256 for p in u.module.parameters())
+               for u in engine._units]
+    assert engine.tracker.host_bytes == sum(-(-n // 4096) * 4096 for n in aligned)
     for u in engine._units:
         for p in u.module.parameters():
             assert u.master.data_ptr() <= p.data_ptr() < u.master.data_ptr() + u.master.numel()

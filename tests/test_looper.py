@@ -14,6 +14,7 @@ import comfy.sample
 from comfy.patcher_extension import CallbacksMP
 
 from wan22_blockswap.callbacks import KEY, _ENGINES
+from wan22_blockswap.config import unwrap
 from wan22_blockswap.utils import validate_tensor_consistency
 from wan22_blockswap.nodes import (WAN22BlockSwapLooper, WAN22BlockSwapLooperModels,
                                    WAN22BlockSwapSequencer)
@@ -58,6 +59,27 @@ def run_loops(high, low, loops=10, other=None, on_loop=None):
     return outs
 
 
+def _slot_bytes(patcher, blocks):
+    """Bytes a device slot needs for the largest of ``blocks``: its weights, then the tensors of its
+    LoRA patches, each at 256-byte steps (the host copy's layout)."""
+    def align(n):
+        return -(-n // 256) * 256
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            return [x]
+        return [t for v in x for t in tensors(v)] if isinstance(x, (list, tuple)) else []
+
+    dm = patcher.model.diffusion_model
+    sizes = []
+    for i in blocks:
+        weights = sum(align(torch.Tensor.numel(p) * torch.Tensor.element_size(p)) for p in unwrap(dm.blocks[i]).parameters())
+        factors = sum(align(t.numel() * t.element_size()) for key, patches in patcher.patches.items()
+                      if key.startswith(f"diffusion_model.blocks.{i}.") for t in tensors(patches))
+        sizes.append(weights + factors)
+    return max(sizes)
+
+
 def _engine(patcher):
     return _ENGINES[patcher.model.diffusion_model]
 
@@ -100,8 +122,10 @@ def test_ten_loops_equal_no_swap_and_state_is_flat_from_loop_two(variant):
         for key in ("pinned", "host", "device", "ring", "callbacks", "bound", "loaded"):
             assert s[key] == first[key], (key, s[key], first[key])
     assert first["callbacks"] == [1] * 6 and first["bound"] == []
-    # after a loop the low expert holds the slots; the idle high expert holds no device memory
-    assert first["device"][0] == 0 and first["device"][1] == first["ring"] > 0
+    # after a loop the low expert holds the slots (two, each for the largest streamed block of either
+    # expert with its LoRA factors); the idle high expert holds none
+    slot = max(_slot_bytes(p, range(2, 8)) for p in (ph, pl))
+    assert first["device"][0] == 0 and first["device"][1] == first["ring"] == 2 * slot
     assert rest[-1]["rss"] - first["rss"] < 16 * 2**20
 
 
@@ -152,6 +176,8 @@ def test_legacy_looper_node_takes_model_lists_and_segments():
     segments, = WAN22BlockSwapLooper().apply([(a, b, None), None], **SETTINGS)
     assert segments[1] is None and len(segments[0]) == 3
     assert torch.equal(run_loops(*segments[0][:2], loops=1)[0], run_loops(a, b, loops=1)[0])
+    for m in segments[0][:2]:  # and they streamed: the last 6 blocks were copied into slots in their call
+        assert set(_engine(m).tracker.unit_copies) == {f"blocks.{i}" for i in range(2, 8)}
 
 
 def test_validate_tensor_consistency_catches_lost_keys_and_moves():

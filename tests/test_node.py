@@ -15,6 +15,7 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from wan22_blockswap import tiny_wan
 from wan22_blockswap.callbacks import KEY, StreamedUnit, _ENGINES
+from wan22_blockswap.config import unwrap
 from wan22_blockswap.nodes import WAN22BlockSwap
 from wan22_blockswap.utils import host_rss_bytes
 
@@ -77,9 +78,12 @@ def test_outputs_equal_no_swap(variant, lora):
     reference = sample(base)
     for n in (0, 3, 8):
         extra = {"vace_blocks_to_swap": 1} if variant == "vace" else {}
-        out = sample(with_lora(swap(model, n, offload_txt_emb=True, **extra)) if lora
-                     else swap(model, n, offload_txt_emb=True, **extra))
+        swapped = swap(model, n, offload_txt_emb=True, **extra)
+        out = sample(with_lora(swapped) if lora else swapped)
         assert torch.equal(out, reference), f"{variant} N={n}: {(out - reference).abs().max()}"
+        # the same output is also what streaming nothing gives: these units were copied into slots in this run
+        units = {f"blocks.{i}" for i in range(8 - n, 8)} | {"text_embedding"} | ({"vace_blocks.1"} if extra else set())
+        assert set(_ENGINES[model.model.diffusion_model].tracker.unit_copies) == units, (variant, n)
 
 
 def test_lora_before_the_node_and_strength_changes_take_effect():
@@ -88,6 +92,8 @@ def test_lora_before_the_node_and_strength_changes_take_effect():
         reference = sample(with_lora(model, strength))
         assert torch.equal(sample(swap(with_lora(model, strength), 8)), reference)
         assert torch.equal(sample(with_lora(swap(model, 8), strength)), reference)
+        # the LoRA'd blocks did stream (patched in the slot): every block was copied in the run
+        assert set(_ENGINES[model.model.diffusion_model].tracker.unit_copies) == {f"blocks.{i}" for i in range(8)}
     assert torch.equal(sample(swap(model, 8)), sample(model))  # unpatched again
 
 
@@ -153,9 +159,12 @@ def test_detach_twice_and_garbage_collection_are_safe():
     cb = swapped.get_callbacks(CallbacksMP.ON_DETACH, KEY)[0]
     cb(swapped, True)
     cb(swapped, False)
-    assert _ENGINES[swapped.model.diffusion_model].device_bytes == 0
+    engine = _ENGINES[swapped.model.diffusion_model]
+    assert engine.device_bytes == 0
     assert torch.equal(sample(swapped), reference)  # the next run prepares again
-    del swapped
+    block = sum(-(-p.numel() * p.element_size() // 256) * 256 for p in unwrap(model.model.diffusion_model.blocks[7]).parameters())
+    assert engine.device_bytes == 2 * block and engine.tracker.copies == 3 * 8 + 1  # a ring again, streaming
+    del swapped, engine
     gc.collect()
     assert torch.equal(sample(model), reference)
 
