@@ -4,18 +4,18 @@ Pure torch; importable without ComfyUI. The data path of one streamed unit (a ma
 block, an embedding), and the module that owns each step:
 
     file ──loader──▶ host master ──copy stream──▶ slot ──block forward──▶ back to the host views
-         (model_loader)  (host_masters)            (device_ring)  (this engine)   (host_masters: no copy)
+         (model_loader)  (engine/host_masters)     (engine/device_ring)  (this engine)  (host_masters: no copy)
 
-* **Host master** (:mod:`host_masters`). At setup every parameter of the unit is packed into one flat
+* **Host master** (:mod:`engine.host_masters`). At setup every parameter of the unit is packed into one flat
   ``uint8`` buffer on the host, page-locked at its exact size where copies go to a CUDA device, and
   the parameters are rebound to views of it; a loader may read the unit straight into such a buffer.
-* **Device ring** (:mod:`device_ring`). ``K`` flat device buffers ("slots"), each as large as the
+* **Device ring** (:mod:`engine.device_ring`). ``K`` flat device buffers ("slots"), each as large as the
   largest unit. Bringing a unit in is one contiguous copy master -> slot on a copy stream, ordered by
   events against compute, then rebinding its parameters to views of the slot. Weights never change
   during inference, so eviction is rebinding back to the host views: nothing is copied device -> host.
-* **Schedule** (:mod:`swap_schedule`). While a unit computes, the next ``prefetch`` units of the
+* **Schedule** (:mod:`engine.swap_schedule`). While a unit computes, the next ``prefetch`` units of the
   order learned from the previous forward are copied; it wraps around into the next forward.
-* **Tracker** (:mod:`swap_tracker`). What was done and where everything is, for readouts and tests.
+* **Tracker** (:mod:`engine.swap_tracker`). What was done and where everything is, for readouts and tests.
 
 The engine below composes them: :meth:`BlockSwapEngine.before_unit` / :meth:`~BlockSwapEngine.after_unit`
 run around each unit's forward. On CPU (``offload_device == compute_device``, no runtime) the same
@@ -32,12 +32,12 @@ import torch
 from torch import nn
 
 from .config import SwapPlan, SwapSettings, detect_layout, plan_swap
-from .cuda_runtime import CudaRuntime
-from .device_ring import DeviceRing, SharedRing
-from .host_masters import (HostMasters, PinnedMemory, _Unit, arena_offset, check_streamable, host_arena,
+from .engine.cuda_runtime import CudaRuntime
+from .engine.device_ring import DeviceRing, SharedRing
+from .engine.host_masters import (HostMasters, PinnedMemory, _Unit, arena_offset, check_streamable, host_arena,
                            packed_bytes)
-from .swap_schedule import Schedule
-from .swap_tracker import BlockSwapTracker, TimingLog
+from .engine.swap_schedule import Schedule
+from .engine.swap_tracker import BlockSwapTracker, TimingLog
 from .utils import as_device, get_logger
 
 log = get_logger("engine")

@@ -25,7 +25,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .host_masters import packed_bytes
+from .engine.host_masters import packed_bytes
 from .config import BlockSwapError, ring_size, tensor_bytes, unwrap
 from .utils import get_logger
 

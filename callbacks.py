@@ -55,8 +55,8 @@ import torch
 from torch import nn
 
 from .block_manager import BlockSwapEngine
-from .device_ring import SharedRing
-from .host_masters import check_streamable, packed_bytes
+from .engine.device_ring import SharedRing
+from .engine.host_masters import check_streamable, packed_bytes
 from .config import BlockSwapError, SwapPlan, plan_swap, tensor_bytes, unwrap
 from .preflight import full_model_size, preflight, with_pin_budget
 from .preflight import pin_budget_left as _pin_budget_left
@@ -227,7 +227,7 @@ class SwapController:
         Quantized GGUF weights carry their patches as a ``.patches`` attribute that ComfyUI-GGUF
         applies when it dequantizes; its own ``patch_weight_to_device`` attaches them (and the
         attribute survives our rebinding). Every other patched key is patched in the slot, from its
-        patch tensors copied there with the block (the engine's extras: :mod:`slot_patches`).
+        patch tensors copied there with the block (the engine's extras: :mod:`engine.slot_patches`).
         """
         for group in getattr(patcher, "hook_patches", {}).values():
             streamed = [key for key in group if self._unit_of(key)]
@@ -247,7 +247,7 @@ class SwapController:
                 self._attached.append(key)
             else:
                 slot_keys.setdefault(unit, []).append(key)
-        from .slot_patches import patch_tensors
+        from .engine.slot_patches import patch_tensors
 
         # per unit: (key, its patches, where its tensors start in the unit's extras, how many)
         self._slot_patches = {}
@@ -275,7 +275,7 @@ class SwapController:
         patcher, engine = self._patcher(), self.engine()
         if not entries or patcher is None or engine is None:
             return
-        from .slot_patches import patched_weight, with_tensors
+        from .engine.slot_patches import with_tensors
 
         on_device = engine.slot_extras(unit_name)
         for key, patches, start, count in entries:
@@ -386,6 +386,28 @@ class SwapController:
             self._adjust_loaded(patcher, engine.device_bytes - held)
         except Exception:  # noqa: BLE001 - a detach must not fail; say what happened
             log.exception("block swap: releasing the device ring failed")
+
+
+def patched_weight(patcher, key: str, patches, device: torch.device) -> torch.Tensor:
+    """``key``'s weight with ``patches`` applied on ``device``, stored as the weight is stored: the
+    computation of ComfyUI's ``ModelPatcher.patch_weight_to_device(key, device, return_weight=True)``
+    (its compute dtype, the layer's convert/set functions, its seeded stochastic rounding), reading
+    the patches given instead of ``patcher.patches[key]``."""
+    import comfy.float
+    import comfy.lora
+    import comfy.model_management as mm
+    import comfy.utils
+    from comfy.model_patcher import get_key_weight
+
+    weight, set_func, convert_func = get_key_weight(patcher.model, key)
+    temp = mm.cast_to_device(weight, device, mm.lora_compute_dtype(device), copy=True)
+    if convert_func is not None:
+        temp = convert_func(temp, inplace=True)
+    out = comfy.lora.calculate_weight(patches, temp, key)
+    seed = comfy.utils.string_to_seed(key)
+    if set_func is None:
+        return comfy.float.stochastic_rounding(out, weight.dtype, seed=seed)
+    return set_func(out, inplace_update=False, seed=seed, return_weight=True)
 
 
 def reset_model_blockswap_state(patcher) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .callbacks import PASS_THROUGH
 from .config import SwapSettings
-from .device_ring import SharedRing
+from .engine.device_ring import SharedRing
 from .utils import get_logger
 
 log = get_logger("looper")

@@ -3,18 +3,18 @@
 ComfyUI glue (ComfyUI is imported inside the functions). The order is chosen so that a bad file or a
 wrong choice fails before anything big is allocated, and nothing half-built is ever handed out:
 
-1. ``weight_files.scan_weights``: the header only (truncated/corrupt files, unsupported GGUF types).
+1. ``formats.weight_files.scan_weights``: the header only (truncated/corrupt files, unsupported GGUF types).
 2. ComfyUI's own detection (``comfy.model_detection.model_config_from_unet``) runs on storage-less
    ``meta`` stand-ins of the tensors: no hand-made configs. The result must be a WAN model;
    ``config.identify_wan`` names version and variant, and an explicit ``wan_version`` /
    ``model_variant`` that contradicts the file is an error.
-3. The model is built with ComfyUI's operations for the chosen dtypes, extended by ``quant_ops``
+3. The model is built with ComfyUI's operations for the chosen dtypes, extended by ``formats.quant_ops``
    (Linear weights start on ``meta``, so the big matrices are not allocated yet), and its key set is
    compared with the file's: missing or unexpected keys are an error naming them.
-4. ``weight_files.read_weights`` reads every tensor into memory this process owns, converting it
+4. ``formats.weight_files.read_weights`` reads every tensor into memory this process owns, converting it
    as it goes (the model's dtype; with ``fp8_optimization`` the block matrices become fp8 with a
    per-tensor scale), and the tensors are assigned to the model (no second copy).
-5. The result is a classic (non-dynamic) ``ModelPatcher`` (``quant_ops.patcher_class``), so block swap
+5. The result is a classic (non-dynamic) ``ModelPatcher`` (``formats.quant_ops.patcher_class``), so block swap
    works on it whether or not ComfyUI's Dynamic VRAM is on.
 
 ComfyUI's quantized files (the official fp8_scaled checkpoints: ``scaled_fp8`` marker + ``.scale_weight``;
@@ -43,7 +43,7 @@ import torch
 
 from .config import BlockSwapError, check_wan_choice, identify_wan
 from .utils import format_bytes, get_logger
-from .weight_files import TensorEntry, WeightFileError, read_weights, scan_weights
+from .formats.weight_files import TensorEntry, WeightFileError, read_weights, scan_weights
 
 log = get_logger("loader")
 
@@ -273,7 +273,7 @@ def _structure(model_config, stand_ins, unet_dtype, manual_cast, load_device):
     weight on ``meta`` (``quant_ops``): nothing big is allocated yet."""
     import comfy.ops
 
-    from .quant_ops import make_ops
+    from .formats.quant_ops import make_ops
 
     model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
     model_config.custom_operations = make_ops(comfy.ops.pick_operations(unet_dtype, manual_cast,
@@ -287,7 +287,7 @@ def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_
     per tensor as the model's dtypes (and the fp8 option) ask, assigned without a second copy."""
     import comfy.model_management as mm
 
-    from .quant_ops import patcher_class
+    from .formats.quant_ops import patcher_class
 
     # 2. ComfyUI's detection on storage-less stand-ins
     meta = {e.key: e.meta() for e in entries}
@@ -313,28 +313,29 @@ def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_
     _check_keys(path, set(target), {e.key for e in entries})
 
     # 4. read, convert, assign
-    group_of = group_bytes = None
+    def unchanged(e: TensorEntry) -> bool:  # _transform hands the tensor back as read
+        return _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype) in (("keep", None), ("cast", e.dtype))
+
+    dest = None
     if host_groups is not None:
+        from .engine.host_masters import arena_offset
+        from .load_targets import HostArenas
+
         units = tuple(host_groups(model.diffusion_model))
 
         def unit_of(key: str) -> Optional[str]:
             return next((u for u in units if key.startswith(u + ".")), None)
 
-        from .host_masters import arena_offset
-
-        group_of, group_bytes = unit_of, {}
+        group_bytes: Dict[str, int] = {}
         for e in entries:
             unit = unit_of(e.key)
             if unit is not None:
                 group_bytes[unit] = group_bytes.get(unit, 0) + sum(
                     arena_offset(n) for n in _loaded_bytes(e, target, fp8_dtype))
-
-    def unchanged(e: TensorEntry) -> bool:  # _transform hands the tensor back as read
-        return _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype) in (("keep", None), ("cast", e.dtype))
+        dest = HostArenas(unit_of, group_bytes, unchanged)
 
     try:
-        sd = read_weights(path, entries, _transform(target, fp8_dtype), group_of=group_of,
-                          group_bytes=group_bytes, unchanged=unchanged)
+        sd = read_weights(path, entries, _transform(target, fp8_dtype), dest=dest)
     except WeightFileError as e:
         raise BlockSwapError(str(e)) from e
     sd = model.model_config.process_unet_state_dict(sd)

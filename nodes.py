@@ -243,7 +243,7 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
 
     @classmethod
     def apply(cls, model_high, model_low, unique_id=None, vram_budget="off", **swap):
-        from .device_ring import SharedRing
+        from .engine.device_ring import SharedRing
         from .looper_helpers import prepare_model_for_loop
 
         settings, debug, node_id = parse_swap(swap, unique_id)

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 from torch import nn
 
 from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
-from .host_masters import packed_bytes
+from .engine.host_masters import packed_bytes
 from .utils import (VRAM_LIMIT, device_total_memory, host_available_bytes, host_ram_message, pin_budget_message,
                     vram_message)
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
-from .host_masters import packed_bytes
+from .engine.host_masters import packed_bytes
 from .utils import (device_memory, device_name, device_total_memory, format_bytes, host_available_bytes,
                     host_rss_bytes)
 

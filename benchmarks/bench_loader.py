@@ -66,7 +66,7 @@ def make_files(directory: Path, size: str, layers: int) -> dict:
     from safetensors.torch import save_file
 
     from wan22_blockswap import tiny_wan
-    from wan22_blockswap.gguf_reader import write_tiny_gguf
+    from wan22_blockswap.formats.gguf_reader import write_tiny_gguf
 
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"wan{size}_{layers}blocks"

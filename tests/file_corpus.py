@@ -35,7 +35,7 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 
 from wan22_blockswap import tiny_wan
-from wan22_blockswap.gguf_reader import write_tiny_gguf
+from wan22_blockswap.formats.gguf_reader import write_tiny_gguf
 
 FORMS = ("st_bf16", "st_fp8", "st_fp8_scaled", "st_comfy_quant", "gguf_q8_0", "gguf_q4_k_m", "gguf_q8_0_orig_shape")
 BIG = (2 ** 31, 2 ** 32, 2 ** 61, 2 ** 62, 2 ** 64 - 1)

@@ -205,7 +205,7 @@ def test_pack_loaders_over_the_api(server):
     model folders, the same latents as UNETLoader (safetensors), swap and LoRA on their models."""
     from safetensors.torch import load_file
 
-    from wan22_blockswap.gguf_reader import write_tiny_gguf
+    from wan22_blockswap.formats.gguf_reader import write_tiny_gguf
 
     comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
     models = comfy / "models" / "diffusion_models"
@@ -287,7 +287,7 @@ def _write_gguf(path: Path, variant: str = "t2v", quant: str = "Q8_0", dim: int 
     import gguf
 
     from wan22_blockswap import tiny_wan
-    from wan22_blockswap.gguf_reader import write_tiny_gguf
+    from wan22_blockswap.formats.gguf_reader import write_tiny_gguf
 
     cfg = tiny_wan.tiny_config(variant, dim=dim, num_heads=dim // 128, ffn_dim=2 * dim, num_layers=8, text_dim=4096)
     sd = tiny_wan.WanModel(cfg).init_weights(seed).state_dict()

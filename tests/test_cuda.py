@@ -141,8 +141,8 @@ def test_a_quantized_layer_left_on_the_host_is_cast_on_comfyuis_offload_stream(m
     if hasattr(mm, "STUB_VRAM_BYTES"):
         monkeypatch.setattr(mm, "NUM_STREAMS", 2)  # the stand-in's CPU default is 0; ComfyUI has 2 on NVIDIA
 
-    from wan22_blockswap.gguf_reader import GGUFTensor
-    from wan22_blockswap.quant_ops import make_ops
+    from wan22_blockswap.formats.gguf_reader import GGUFTensor
+    from wan22_blockswap.formats.quant_ops import make_ops
     from test_gguf_reader import q8
 
     ops = make_ops(comfy.ops.manual_cast)

@@ -14,7 +14,7 @@ import contextlib
 import pytest
 import torch
 
-from wan22_blockswap.cuda_runtime import CudaRuntime
+from wan22_blockswap.engine.cuda_runtime import CudaRuntime
 
 
 class _Cuda:

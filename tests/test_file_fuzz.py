@@ -37,7 +37,7 @@ import comfy.utils
 
 from file_corpus import FORMS, mutants, write_form
 from wan22_blockswap.config import BlockSwapError
-from wan22_blockswap.gguf_reader import GGUFTensor
+from wan22_blockswap.formats.gguf_reader import GGUFTensor
 from wan22_blockswap.model_loader import load_wan_model
 
 # ComfyUI's quantized files load through ComfyUI's own conversion where it has one; without it (the

@@ -22,12 +22,12 @@ import torch
 import comfy.model_management as mm
 
 from wan22_blockswap.config import BlockSwapError
-from wan22_blockswap.gguf_dequant import GGUFFormatError
-from wan22_blockswap.gguf_header import (MAX_ARRAY_DEPTH, MAX_ARRAY_ELEMENTS, MAX_DIMS, MAX_KV_PAIRS, MAX_TENSORS,
+from wan22_blockswap.formats.gguf_dequant import GGUFFormatError
+from wan22_blockswap.formats.gguf_header import (MAX_ARRAY_DEPTH, MAX_ARRAY_ELEMENTS, MAX_DIMS, MAX_KV_PAIRS, MAX_TENSORS,
                                          check_gguf_header)
-from wan22_blockswap.gguf_reader import load_gguf_state_dict
+from wan22_blockswap.formats.gguf_reader import load_gguf_state_dict
 from wan22_blockswap.model_loader import load_wan_model
-from wan22_blockswap.weight_files import WeightFileError, scan_weights
+from wan22_blockswap.formats.weight_files import WeightFileError, scan_weights
 
 U8, U32, F32_VALUE, STRING, ARRAY = 0, 4, 6, 8, 9
 F32, F16, Q8_0 = 0, 1, 8
@@ -256,7 +256,7 @@ def test_a_gguf_one_byte_short_is_refused_by_the_header_check(tmp_path, nd_last)
     tensor is the one cut."""
     from file_corpus import tiny_state_dict
 
-    from wan22_blockswap.gguf_reader import write_tiny_gguf
+    from wan22_blockswap.formats.gguf_reader import write_tiny_gguf
 
     full = write_tiny_gguf(tmp_path / "full.gguf", tiny_state_dict(), nd_last=nd_last)
     name, end = _last_tensor_end(full)
@@ -330,7 +330,7 @@ def test_two_tensors_that_map_to_one_key_are_refused_gguf(tmp_path, prefix):
     the loader, naming the file and the key."""
     from file_corpus import tiny_state_dict
 
-    from wan22_blockswap.gguf_reader import write_tiny_gguf
+    from wan22_blockswap.formats.gguf_reader import write_tiny_gguf
 
     key = "blocks.0.ffn.0.bias"
     path = write_tiny_gguf(tmp_path / "clash.gguf", _clash(tiny_state_dict(), key, prefix))
@@ -411,7 +411,7 @@ def test_every_whole_byte_dtype_the_safetensors_library_writes_is_read(tmp_path)
     Two values per byte (float4_e2m1fn_x2, "F4") are refused by name."""
     from safetensors.torch import load_file, save_file
 
-    from wan22_blockswap.weight_files import read_weights
+    from wan22_blockswap.formats.weight_files import read_weights
 
     names = ["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
              "float8_e5m2fnuz", "float8_e8m0fnu", "complex64", "int64", "int32", "int16", "int8", "uint64",

@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from wan22_blockswap import tiny_wan
-from wan22_blockswap.gguf_dequant import block_size, dequantize
-from wan22_blockswap.gguf_header import check_gguf_header
-from wan22_blockswap.gguf_reader import GGUFTensor, load_gguf_state_dict, write_tiny_gguf
-from wan22_blockswap.weight_files import scan_weights
+from wan22_blockswap.formats.gguf_dequant import block_size, dequantize
+from wan22_blockswap.formats.gguf_header import check_gguf_header
+from wan22_blockswap.formats.gguf_reader import GGUFTensor, load_gguf_state_dict, write_tiny_gguf
+from wan22_blockswap.formats.weight_files import scan_weights
 
 gguf = pytest.importorskip("gguf")
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from wan22_blockswap import gguf_dequant
-from wan22_blockswap.gguf_dequant import (SUPPORTED, GGUFFormatError, block_size, check_raw, dequantize,
+from wan22_blockswap.formats import gguf_dequant
+from wan22_blockswap.formats.gguf_dequant import (SUPPORTED, GGUFFormatError, block_size, check_raw, dequantize,
                                           raw_nbytes)
 
 try:  # the reference (gguf-py); only the comparisons with it need it

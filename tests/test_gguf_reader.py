@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from wan22_blockswap import tiny_wan
-from wan22_blockswap.gguf_dequant import SUPPORTED, GGUFFormatError, block_size
-from wan22_blockswap.gguf_reader import (GGUFTensor, check_tensor_type, load_gguf_state_dict,
+from wan22_blockswap.formats.gguf_dequant import SUPPORTED, GGUFFormatError, block_size
+from wan22_blockswap.formats.gguf_reader import (GGUFTensor, check_tensor_type, load_gguf_state_dict,
                                          write_tiny_gguf)
 
 gguf = pytest.importorskip("gguf")
@@ -230,7 +230,7 @@ def test_loading_does_not_read_the_data_and_hides_the_not_writable_warning(tmp_p
         from _pack import import_pack
         import_pack()
         import psutil, torch
-        from wan22_blockswap.gguf_reader import load_gguf_state_dict
+        from wan22_blockswap.formats.gguf_reader import load_gguf_state_dict
         warnings.simplefilter("always")
         proc = psutil.Process()
         gc.collect()

@@ -16,7 +16,7 @@ import comfy.sd
 from wan22_blockswap import tiny_wan
 from wan22_blockswap.callbacks import _ENGINES
 from wan22_blockswap.config import BlockSwapError, identify_wan
-from wan22_blockswap.gguf_reader import GGUFTensor, load_gguf_state_dict, write_tiny_gguf
+from wan22_blockswap.formats.gguf_reader import GGUFTensor, load_gguf_state_dict, write_tiny_gguf
 from wan22_blockswap.model_loader import fp8_quantize, load_wan_model
 
 from test_node import sample, swap, with_lora
@@ -349,7 +349,7 @@ def test_blockswap_loader_fp8_reads_into_adopted_masters(model_dir):
 def test_unsupported_gguf_type_lists_the_supported_ones(tmp_path):
     import numpy as np
 
-    from wan22_blockswap.gguf_dequant import SUPPORTED
+    from wan22_blockswap.formats.gguf_dequant import SUPPORTED
 
     gguf = pytest.importorskip("gguf")
     path = tmp_path / "iq.gguf"

@@ -414,8 +414,9 @@ def read_groups(monkeypatch):
     groups = {}
     real = model_loader.read_weights
 
-    def recording(path, entries, *args, group_of=None, **kwargs):
-        sd = real(path, entries, *args, group_of=group_of, **kwargs)
+    def recording(path, entries, *args, dest=None, **kwargs):
+        sd = real(path, entries, *args, dest=dest, **kwargs)
+        group_of = getattr(dest, "group_of", None)
         if group_of is not None:
             groups.clear()
             for key, t in sd.items():

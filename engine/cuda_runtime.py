@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .utils import get_logger
+from ..utils import get_logger
 
 log = get_logger("engine")
 

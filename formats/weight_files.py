@@ -36,11 +36,11 @@ import torch
 from .gguf_dequant import GGUFFormatError
 from .gguf_reader import GGUFTensor, _strip_prefix
 from .safetensors_header import SafetensorsHeaderError, read_safetensors_header
-from .utils import get_logger
+from ..utils import get_logger
 
 log = get_logger("weights")
 
-__all__ = ["WeightFileError", "TensorEntry", "scan_weights", "read_weights", "file_format"]
+__all__ = ["WeightFileError", "TensorEntry", "Destination", "scan_weights", "read_weights", "file_format"]
 
 # safetensors dtype names -> torch dtypes: every whole-byte dtype the safetensors library reads into
 # torch (which ComfyUI's loaders use), where this torch has it. ComfyUI keeps weights in any of its
@@ -138,84 +138,63 @@ def scan_weights(path) -> Tuple[str, List[TensorEntry], Dict[str, str]]:
 Transform = Callable[[str, torch.Tensor], Dict[str, torch.Tensor]]
 
 
-class _Arenas:
-    """Per-group buffers (the block-swap engine's :func:`host_masters.host_arena`) that a group's
-    tensors are placed in one after another, at the engine's alignment: the engine adopts such a
-    buffer as the group's host master without copying it again."""
+class Destination:
+    """Where :func:`read_weights` puts tensors, for callers that want more than owned copies (the
+    block-swap loaders, ``load_targets``). This base keeps every tensor as read and transformed."""
 
-    def __init__(self, group_of: Callable[[str], Optional[str]], group_bytes: Dict[str, int]):
-        from .host_masters import arena_offset, host_arena
+    def unchanged(self, e: TensorEntry) -> bool:
+        """``e``'s tensor comes out of the transform as read (so it may be read straight to its place)."""
+        return False
 
-        self.group_of, self.group_bytes = group_of, group_bytes
-        self._alloc, self._step = host_arena, arena_offset
-        self.buffers: Dict[str, torch.Tensor] = {}
-        self.used: Dict[str, int] = {}
-
-    def reserve(self, key: str, n: int) -> Optional[torch.Tensor]:
-        """The next ``n`` bytes of ``key``'s group buffer, or None (no group, or no room left)."""
-        group = self.group_of(key)
-        if group is None:
-            return None
-        if group not in self.buffers:
-            self.buffers[group], self.used[group] = self._alloc(self.group_bytes[group]), 0
-        off = self.used[group]
-        if off + n > self.buffers[group].numel():  # a size estimate was wrong: keep the tensor as it is
-            log.warning("weight files: %s does not fit its group buffer %r; it stays separate", key, group)
-            return None
-        self.used[group] = off + self._step(n)
-        return self.buffers[group][off:off + n]
+    def reserve(self, key: str, nbytes: int) -> Optional[torch.Tensor]:
+        """A buffer (uint8) to read ``key``'s bytes straight into, or None."""
+        return None
 
     def place(self, key: str, t: torch.Tensor, direct: bool) -> torch.Tensor:
-        if direct:  # read into its group buffer already (see read_weights)
-            return t
-        raw = t.as_subclass(torch.Tensor) if isinstance(t, GGUFTensor) else t
-        dst = self.reserve(key, torch.Tensor.numel(raw) * raw.element_size())
-        if dst is None:
-            return t
-        dst.copy_(raw.contiguous().reshape(-1).view(torch.uint8))
-        if isinstance(t, GGUFTensor):
-            return GGUFTensor.wrap(dst, t.tensor_type, t.tensor_shape)
-        return dst.view(t.dtype).view(t.shape)
+        """Where the final tensor ``t`` lives (``direct``: it was read into :meth:`reserve`'s buffer)."""
+        return t
+
+
+def _read_range(f, path: str, e: TensorEntry, raw: torch.Tensor) -> None:
+    """Copy ``e``'s bytes from the open file ``f`` into ``raw`` (its byte range mapped, copied, unmapped)."""
+    if not e.nbytes:
+        return
+    if os.fstat(f.fileno()).st_size < e.offset + e.nbytes:  # a map past the end would fault
+        raise WeightFileError(f"{path}: the file ended inside tensor {e.key!r}; it changed "
+                              "or was truncated while loading")
+    start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, offset=start, access=mmap.ACCESS_READ)
+    try:
+        src = torch.frombuffer(mapped, dtype=torch.uint8, offset=e.offset - start, count=e.nbytes)
+        raw.copy_(src)
+        del src  # the map cannot close while a tensor still exports it
+    finally:
+        mapped.close()
 
 
 def read_weights(path, entries: List[TensorEntry], transform: Optional[Transform] = None, *,
-                 group_of: Optional[Callable[[str], Optional[str]]] = None,
-                 group_bytes: Optional[Dict[str, int]] = None,
-                 unchanged: Optional[Callable[[TensorEntry], bool]] = None) -> Dict[str, torch.Tensor]:
+                 dest: Optional[Destination] = None) -> Dict[str, torch.Tensor]:
     """Read ``entries`` (from :func:`scan_weights`) into owned CPU tensors, in file order.
 
     ``transform(key, tensor)`` may return replacement entries (e.g. a converted tensor, or an fp8
     weight plus its scale); it runs right after each read, so at most one untransformed tensor
-    exists at a time. ``group_of(key)`` (optional) names the group whose host buffer a final tensor
-    goes to (block swap: the units that will stream), ``group_bytes[group]`` that buffer's size;
-    tensors for which ``unchanged(entry)`` is true (``transform`` returns them as they are) are read
-    straight into their group buffer, without an intermediate copy.
+    exists at a time. ``dest`` (a :class:`Destination`) may place tensors elsewhere: a buffer read
+    straight into for tensors the transform leaves unchanged (:meth:`Destination.reserve`), a home for
+    each final tensor (:meth:`Destination.place`).
     Raises WeightFileError naming the file if it shrank since the scan.
     """
     path = os.fspath(path)
     out: Dict[str, torch.Tensor] = {}
-    arenas = _Arenas(group_of, group_bytes or {}) if group_of is not None else None
+    dest = dest or Destination()
     with open(path, "rb") as f, warnings.catch_warnings():
         # torch.frombuffer warns that a read-only map is not writable: it is only read from
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         for e in sorted(entries, key=lambda e: e.offset):
-            direct = arenas is not None and unchanged is not None and unchanged(e)
-            raw = arenas.reserve(e.key, e.nbytes) if direct else None
+            raw = dest.reserve(e.key, e.nbytes) if dest.unchanged(e) else None
             direct = raw is not None
             if raw is None:
                 raw = torch.empty(e.nbytes, dtype=torch.uint8)
-            if e.nbytes:
-                if os.fstat(f.fileno()).st_size < e.offset + e.nbytes:  # a map past the end would fault
-                    raise WeightFileError(f"{path}: the file ended inside tensor {e.key!r}; it changed "
-                                          "or was truncated while loading")
-                start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
-                mapped = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, offset=start, access=mmap.ACCESS_READ)
-                try:
-                    src = torch.frombuffer(mapped, dtype=torch.uint8, offset=e.offset - start, count=e.nbytes)
-                    raw.copy_(src)
-                    del src  # the map cannot close while a tensor still exports it
-                finally:
-                    mapped.close()
+            _read_range(f, path, e, raw)
             if e.dtype is None:
                 t = GGUFTensor.wrap(raw, e.stored, e.shape)
             else:
@@ -223,5 +202,5 @@ def read_weights(path, entries: List[TensorEntry], transform: Optional[Transform
             results = transform(e.key, t) if transform else {e.key: t}
             del t, raw  # the untransformed tensor goes before the next one is read
             for key, value in results.items():
-                out[key] = arenas.place(key, value, direct and key == e.key) if arenas is not None else value
+                out[key] = dest.place(key, value, direct and key == e.key)
     return out

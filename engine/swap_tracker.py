@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from .utils import format_bytes
+from ..utils import format_bytes
 
 MAX_PENDING_TIMINGS = 4096  # CUDA timing events waiting to be read; older ones are dropped
 STALL_THRESHOLD_MS = 0.05  # a measured wait longer than this counts as a stall

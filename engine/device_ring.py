@@ -16,10 +16,10 @@ from typing import Callable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
-from .config import tensor_bytes
+from ..config import tensor_bytes
 from .host_masters import _align, _Unit, bind, bindings
 from .swap_tracker import BlockSwapTracker, TimingLog
-from .utils import as_device
+from ..utils import as_device
 
 
 class DeviceRing:

@@ -16,9 +16,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .config import BlockSwapError, leaf_tensors, tensor_bytes
+from ..config import BlockSwapError, leaf_tensors, tensor_bytes
 from .swap_tracker import BlockSwapTracker
-from .utils import format_bytes, get_logger, host_available_bytes
+from ..utils import format_bytes, get_logger, host_available_bytes
 
 log = get_logger("engine")
 
