@@ -24,6 +24,7 @@ runtime runs the asynchronous path on a CPU too (``tests/test_stream_order.py``)
 """
 from __future__ import annotations
 
+import tempfile
 import time
 import weakref
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence
@@ -34,8 +35,10 @@ from torch import nn
 from .config import SwapPlan, SwapSettings, detect_layout, plan_swap
 from .engine.cuda_runtime import CudaRuntime
 from .engine.device_ring import DeviceRing, SharedRing
+from .engine.file_masters import FileReadError, files_of
 from .engine.host_masters import (HostMasters, PinnedMemory, _Unit, arena_offset, check_streamable, host_arena,
                            packed_bytes)
+from .engine.staging import Staging
 from .engine.swap_schedule import Schedule
 from .engine.swap_tracker import BlockSwapTracker, TimingLog
 from .utils import as_device, get_logger
@@ -66,7 +69,7 @@ class BlockSwapEngine:
 
     def __init__(self, model: nn.Module, plan: SwapPlan, compute_device, offload_device="cpu", *,
                  unit_modules: Optional[Mapping[str, nn.Module]] = None, timing: bool = True,
-                 host_available: Optional[int] = None, runtime=None):
+                 host_available: Optional[int] = None, runtime=None, read_threads: Optional[bool] = None):
         # Weak: an integration may key a registry by the model; a strong reference would keep it alive.
         self._model_ref = weakref.ref(model)
         self.plan = plan
@@ -84,10 +87,18 @@ class BlockSwapEngine:
         self._rt = runtime if runtime is not None else (CudaRuntime() if self.compute_device.type == "cuda" else None)
         self._async = self._rt is not None and self.settings.use_non_blocking
         self._timings = TimingLog(self.tracker, self._rt, timing and self._rt is not None)
-        pinned = PinnedMemory(self._rt, self.settings.pin_budget_bytes, self.tracker) if self._async else None
-        self._masters = HostMasters(self.offload_device, pinned, self.tracker, host_available)
+        pinned = self._pinned = PinnedMemory(self._rt, self.settings.pin_budget_bytes, self.tracker) if self._async else None
+        # Masters on file: nothing of the units in RAM; they are read into a staging ring (pinned,
+        # the only pinned memory this needs) just ahead of their copies, on a worker thread on CUDA.
+        on_file = self.settings.host_memory == "file"
+        self.tracker.masters = self.settings.host_memory
+        spill_dir = (self.settings.spill_dir or tempfile.gettempdir()) if on_file else None
+        self._masters = HostMasters(self.offload_device, None if on_file else pinned, self.tracker, host_available,
+                                    spill_dir)
+        threaded = self.compute_device.type == "cuda" if read_threads is None else read_threads
+        self._staging = Staging(plan.slots, self.tracker, self._rt, self._async, pinned, threaded) if on_file else None
         self._ring = DeviceRing(self._units, plan.slots, self.compute_device, self._rt, self._async,
-                                self._timings, self.tracker)
+                                self._timings, self.tracker, self._staging)
         self._ring.notify_taken_away(self._give_back_ring)
         self._schedule = Schedule(len(self._units))
         self._in_forward = False
@@ -134,6 +145,7 @@ class BlockSwapEngine:
         re-allocates a released ring. Every check runs before the model is touched; if packing
         fails half-way, the units packed so far are restored and the error re-raised.
         """
+        self.check_files()
         if self._is_setup:
             self._refresh()
         else:
@@ -150,6 +162,21 @@ class BlockSwapEngine:
             self.attach_hooks()
         log.debug("block swap set up: %s", self.tracker.format_summary())
         return self
+
+    def check_files(self) -> None:
+        """Raise :class:`file_masters.FileReadError` naming the file when a weight file a unit is read
+        from changed, was truncated or deleted since it was mapped: before a forward reads from it."""
+        for u in self._units:
+            for r in u.reads or ():
+                problem = r.source.problem()
+                if problem:
+                    raise FileReadError(f"{r.source.path}: {problem} since block swap started reading "
+                                        f"{u.name} from it; load the model again (re-queue after the loader "
+                                        "runs), or keep the file unchanged while ComfyUI uses it.")
+
+    def files(self) -> List[str]:
+        """The weight files units are read from (spill files are not named)."""
+        return sorted({path for u in self._units for path in files_of(u.reads or ())})
 
     def pack_masters(self) -> "BlockSwapEngine":
         """Pack the host masters only (no device memory): what a loader does right after reading the
@@ -183,6 +210,8 @@ class BlockSwapEngine:
             return
         self.detach_hooks()
         self._sync()
+        if self._staging is not None:
+            self._staging.shutdown()
         self._masters.restore(self._units, None if device is None else as_device(device), extras=True)
         self._slot_tag = _REPACK  # a later set_slot_transform packs its extras again, whatever its tag
         self._free_ring()
@@ -232,7 +261,7 @@ class BlockSwapEngine:
 
     def _update_host_bytes(self) -> None:
         self.tracker.host_bytes = self._masters.host_bytes(self._units)
-        self.tracker.pinned_bytes = self._masters.pinned.total if self._masters.pinned is not None else 0
+        self.tracker.pinned_bytes = self._pinned.total if self._pinned is not None else 0
 
     # ------------------------------------------------------------------ runs
     def reset_counters(self) -> None:
@@ -260,6 +289,8 @@ class BlockSwapEngine:
     def invalidate_slots(self) -> None:
         """Forget what the slots hold (after the slot transform changed, e.g. new LoRA patches)."""
         self._ring.unbind_all()
+        if self._staging is not None:
+            self._staging.clear()  # staged bytes carry the old extras
         for owner in self._ring.owner:
             if owner is not None:
                 self._ring.vacate(self._units[owner])
@@ -327,7 +358,12 @@ class BlockSwapEngine:
             self._finish_forward()
         u = self._units[index]
         self._schedule.ran(index)
-        upcoming = self._schedule.upcoming(index, min(self.settings.prefetch_blocks, len(ring.slots) - 1))
+        want = min(self.settings.prefetch_blocks, len(ring.slots) - 1)
+        staging = self._staging
+        ahead = self._schedule.upcoming(index, want + (staging.count if staging is not None else 0))
+        upcoming = ahead[:want]
+        if staging is not None:  # reads run ahead of the copies, as far as the staging ring allows
+            staging.want([w for w in (u, *(self._units[v] for v in ahead)) if w.slot is None and w.reads is not None])
         protect = {index, *upcoming}
         was_slotted = u.slot is not None
         if not was_slotted:

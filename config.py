@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 PLACEMENTS = ("last", "even")
+HOST_MEMORY = ("RAM", "file")  # the engine's kinds of host master ("auto" is the nodes' choice between them)
 
 # (text embedding path, image embedding path) per known implementation, first match wins.
 _EMBEDDING_PATHS = (
@@ -100,6 +101,10 @@ class SwapSettings:
     offload_img_emb: bool = False
     use_non_blocking: bool = True  # pinned host masters + copies on a side stream (CUDA only)
     pin_budget_bytes: Optional[int] = None  # None: pin every master; above the budget: pageable
+    # Where host masters live: "RAM" (a copy per streamed unit) or "file" (read from the model file, or
+    # from a spill file in spill_dir, just ahead of use: see file_masters). None spill_dir: the OS temp folder.
+    host_memory: str = "RAM"
+    spill_dir: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,8 @@ def plan_swap(layout: ModelLayout, settings: SwapSettings) -> SwapPlan:
             f"(this model has {layout.num_vace_blocks} VACE blocks)")
     if s.pin_budget_bytes is not None and s.pin_budget_bytes < 0:
         raise BlockSwapError(f"pin_budget_bytes={s.pin_budget_bytes} must be >= 0 or None")
+    if s.host_memory not in HOST_MEMORY:
+        raise BlockSwapError(f"host_memory={s.host_memory!r} must be one of {', '.join(HOST_MEMORY)}")
 
     blocks = choose_blocks(layout.num_blocks, s.blocks_to_swap, s.placement)
     # VACE blocks are streamed from the end, like the main blocks' default.

@@ -18,6 +18,7 @@ import torch
 
 from ..config import tensor_bytes
 from .host_masters import _align, _Unit, bind, bindings
+from .staging import Staging
 from .swap_tracker import BlockSwapTracker, TimingLog
 from ..utils import as_device
 
@@ -27,8 +28,9 @@ class DeviceRing:
     a side stream with events (CUDA, or a recording runtime in tests)."""
 
     def __init__(self, units: Sequence[_Unit], count: int, device: torch.device, runtime, async_copies: bool,
-                 timings: TimingLog, tracker: BlockSwapTracker):
+                 timings: TimingLog, tracker: BlockSwapTracker, staging: Optional[Staging] = None):
         self.units, self.count, self.device = units, count, device
+        self.staging = staging  # where units kept on file are read into before their copy (staging.py)
         self.rt, self.async_copies, self.timings, self.tracker = runtime, async_copies, timings, tracker
         self.slots: List[torch.Tensor] = []
         self.owner: List[Optional[int]] = []  # unit index per slot
@@ -67,6 +69,8 @@ class DeviceRing:
         self.owner, self.last_use = [None] * k, [0] * k
         self.tracker.slot_owner = [None] * k
         self.tracker.slot_bytes = size
+        if self.staging is not None:
+            self.staging.alloc(max((u.footprint for u in self.units if u.reads is not None), default=0))
         if self.async_copies:
             if self.copy_stream is None:
                 self.copy_stream = self.rt.new_stream(self.device)
@@ -80,6 +84,8 @@ class DeviceRing:
         self.forget()
 
     def forget(self) -> None:
+        if self.staging is not None:  # pinned RAM: an engine without slots holds none either
+            self.staging.release()
         self.bound.clear()
         self.deferred = None
         self.slots = []
@@ -97,6 +103,9 @@ class DeviceRing:
     # ------------------------------------------------------------------ filling a slot
     def fetch(self, u: _Unit, protect: Set[int]) -> None:
         """Copy ``u`` into a free slot, or the least recently used one outside ``protect``."""
+        staged = None
+        if u.reads is not None:  # kept on file: its bytes (weights, extras) are read into a staging buffer
+            staged, src = self.staging.take(u)  # first: a failed read changes no slot
         k = self._pick(protect)
         old = self.owner[k]
         if old is not None:
@@ -107,11 +116,14 @@ class DeviceRing:
         self.tracker.slot_owner[k] = u.name
         u.slot, u.used_since_copy = k, False
         slot = self.slots[k]
-        # the weights, then the extras right after them (a LoRA's factors travel with the block)
-        copies = [(slot[:u.nbytes], u.master, u.pinned)]
-        if u.extras is not None:
-            base = _align(u.nbytes)
-            copies.append((slot[base:base + u.extras.numel()], u.extras, u.extras_pinned))
+        if staged is not None:
+            copies = [(slot[:src.numel()], src, self.staging.all_pinned)]
+        else:
+            # the weights, then the extras right after them (a LoRA's factors travel with the block)
+            copies = [(slot[:u.nbytes], u.master, u.pinned)]
+            if u.extras is not None:
+                base = _align(u.nbytes)
+                copies.append((slot[base:base + u.extras.numel()], u.extras, u.extras_pinned))
         t = self.tracker
         if self.async_copies:
             cs = self.copy_stream
@@ -121,6 +133,8 @@ class DeviceRing:
             for dst, src, pinned in copies:
                 self.rt.copy(dst, src, cs, non_blocking=pinned)
             self.copy_ev[k].record(cs)
+            if staged is not None:
+                self.staging.copied(staged, cs)
             if start is not None:
                 self.timings.add("copy", u.name, start, self.timings.event(cs))
         else:
@@ -142,11 +156,18 @@ class DeviceRing:
         for v in indices:
             w = self.units[v]
             if w.slot is None:
-                if self.async_copies and not w.all_pinned:
+                if self.async_copies and not self._copies_at_once(w):
                     deferred.append(v)
                 else:
                     self.fetch(w, protect)
         self.deferred = (deferred, protect) if deferred else None
+
+    def _copies_at_once(self, u: _Unit) -> bool:
+        """The copy of ``u`` can be issued without the host waiting: its source is pinned and, for a
+        unit kept on file, already read."""
+        if u.reads is not None:
+            return self.staging.all_pinned and self.staging.ready(u)
+        return u.all_pinned
 
     def prefetch_deferred(self) -> None:
         if self.deferred is not None:

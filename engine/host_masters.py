@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import BlockSwapError, leaf_tensors, tensor_bytes
+from .file_masters import Read, SliceFinder, SpillFile, merge_reads
 from .swap_tracker import BlockSwapTracker
 from ..utils import format_bytes, get_logger, host_available_bytes
 
@@ -130,6 +131,10 @@ class _Unit:
         self.nbytes = 0
         self.arena: Optional[torch.Tensor] = None  # a loader's buffer to adopt as the master (see collect)
         self.master: Optional[torch.Tensor] = None
+        # Kept on file instead (file_masters): where each part's bytes are read from; the host views
+        # are then views of the files' mappings.
+        self.reads: Optional[Tuple[Read, ...]] = None
+        self.spilled = 0  # bytes of it written to a spill file
         self.pinned = False
         self.host_views: List[torch.Tensor] = []  # per entry: what it is bound to on the host
         self.slot_views: Dict[int, List[torch.Tensor]] = {}  # per slot, likewise
@@ -151,6 +156,11 @@ class _Unit:
     @property
     def all_pinned(self) -> bool:
         return self.pinned and (self.extras is None or self.extras_pinned)
+
+    @property
+    def packed(self) -> bool:
+        """Its bytes have a host master: a buffer in RAM or a file."""
+        return self.master is not None or self.reads is not None
 
 
 def _rebuild(e: _Entry, inner: List[torch.Tensor]) -> torch.Tensor:
@@ -271,18 +281,25 @@ class HostMasters:
 
     ``pinned``: a :class:`PinnedMemory` where copies go to a CUDA device (masters then page-locked),
     None for the synchronous path. ``host_available``: a figure tests inject; None asks the OS.
+    ``spill_dir``: not None keeps the masters on file instead of in RAM (:mod:`file_masters`): each
+    part is read from the file its bytes are a slice of, or from a spill file in that folder.
     """
 
     def __init__(self, offload_device: torch.device, pinned: Optional[PinnedMemory],
-                 tracker: BlockSwapTracker, host_available: Optional[int] = None):
+                 tracker: BlockSwapTracker, host_available: Optional[int] = None,
+                 spill_dir: Optional[str] = None):
         self.offload_device = offload_device
         self.pinned = pinned
         self.tracker = tracker
         self.host_available = host_available
+        self.on_file = spill_dir is not None
+        self.spill = SpillFile(spill_dir) if self.on_file else None
 
     # ------------------------------------------------------------------ packing
-    def collect(self, u: _Unit) -> None:
-        """Record the unit's parameters and check they can be packed. Touches nothing."""
+    def collect(self, u: _Unit, finder: Optional[SliceFinder] = None) -> None:
+        """Record the unit's parameters and check they can be packed. Touches nothing. With ``finder``
+        (masters on file) the parts are laid out in the order their bytes have in their files, so
+        tensors stored back to back are one read (:func:`file_masters.merge_reads`)."""
         entries: List[_Entry] = []
         offset = 0
         for p, owners in unit_params(u):
@@ -302,13 +319,15 @@ class HostMasters:
             raise BlockSwapError(
                 f"{u.name} has parameters on several devices ({', '.join(sorted(map(str, devices)))}); "
                 "load the model fully onto one device before enabling block swap.")
-        u.arena = self._arena_of(entries) if entries else None
+        u.arena = self._arena_of(entries) if entries and not self.on_file else None
         if u.arena is not None:  # adopt the loader's arena: the tensors keep their places in it
             lo = u.arena.data_ptr()
             for e in entries:
                 for part, (_, t) in zip(e.parts, leaf_tensors(e.param)):
                     part.offset = t.data_ptr() - lo
             offset = max(p.offset + p.nbytes for e in entries for p in e.parts)
+        if finder is not None:
+            offset = _file_order(entries, finder)
         u.entries, u.nbytes = entries, offset
         u.slot_views = {}  # the layout may have changed: views of the old one are wrong
 
@@ -336,7 +355,7 @@ class HostMasters:
 
     def check_ram(self, units: Sequence[_Unit]) -> None:
         off = self.offload_device
-        if off.type != "cpu":
+        if off.type != "cpu" or self.on_file:  # on file: the staging ring is all the RAM it takes
             return
         moved = sum(u.nbytes for u in units if u.entries and u.entries[0].device != off)
         in_place = max((u.nbytes for u in units if u.entries and u.entries[0].device == off),
@@ -353,29 +372,47 @@ class HostMasters:
 
     def pack_all(self, units: Sequence[_Unit]) -> None:
         """Check, then pack every unit; if one fails, the ones packed so far are restored."""
+        finder = SliceFinder() if self.on_file else None
         for u in units:
-            self.collect(u)
+            self.collect(u, finder)
         self.check_ram(units)
+        self._check_spill(units, finder)
         try:
             for u in units:
-                self.pack(u)
+                self.pack(u, finder)
         except BaseException:
             self.restore(units, None)
             raise
+
+    def _check_spill(self, units: Sequence[_Unit], finder: Optional[SliceFinder]) -> None:
+        """On file: room in the spill folder for the parts that are no file's (checked before anything
+        is written)."""
+        if finder is None:
+            return
+        need = sum(part.nbytes for u in units for e in u.entries
+                   for part, leaf in zip(e.parts, _leaves(e)) if finder.find(leaf) is None)
+        if need:
+            self.spill.check_space(need + sum(_GRANULE_PAD for _ in units))
 
     def repack(self, units: Sequence[_Unit], before) -> None:
         """Pack again units whose parameters something else moved or replaced: checked first, then
         ``before()`` (the engine drops what its slots hold), then packed; their old buffers may still
         be referenced elsewhere, so those are only unpinned."""
+        finder = SliceFinder() if self.on_file else None
         for u in units:
-            self.collect(u)
+            self.collect(u, finder)
         self.check_ram(units)
+        self._check_spill(units, finder)
         before()
         for u in units:
             self.unpin_master(u)
-            self.pack(u)
+            u.reads = None
+            self.pack(u, finder)
 
-    def pack(self, u: _Unit) -> None:
+    def pack(self, u: _Unit, finder: Optional[SliceFinder] = None) -> None:
+        if self.on_file:
+            self._pack_on_file(u, finder or SliceFinder())
+            return
         if u.arena is not None:  # the loader already read the unit into a master-shaped buffer
             if self.pinned is not None:
                 self.pinned.pin(u.arena)
@@ -389,9 +426,7 @@ class HostMasters:
         master = self._buffer(u.nbytes)
         try:
             for e in u.entries:
-                # .data: a plain parameter's bytes as a plain tensor (a GGUF tensor's raw bytes)
-                sources = [e.param.data] if e.wrapper is None else [t for _, t in leaf_tensors(e.param)]
-                for v, src in zip(part_views(master, e), sources):
+                for v, src in zip(part_views(master, e), _leaves(e)):
                     v.copy_(src)
         except BaseException:
             self.unpin(master)
@@ -402,6 +437,42 @@ class HostMasters:
         binds = bindings(master, u)
         bind(u, binds)
         self._attach(u, master, binds)
+
+    def _pack_on_file(self, u: _Unit, finder: SliceFinder) -> None:
+        """Keep ``u`` on file: each part is read from the file its bytes already are a slice of, the
+        others are written to the spill file once (one region per unit, laid out as the slot is, so a
+        wholly spilled unit is one read). The parameters are then bound to views of the mappings: no
+        copy of the unit stays in RAM."""
+        reads: List[Read] = []
+        views: List[List[Optional[torch.Tensor]]] = []
+        spilled: List[Tuple[int, int, torch.Tensor, _Part]] = []
+        for i, e in enumerate(u.entries):
+            views.append([])
+            for j, (part, leaf) in enumerate(zip(e.parts, _leaves(e))):
+                found = finder.find(leaf)
+                if found is None:
+                    spilled.append((i, j, leaf, part))
+                    views[i].append(None)
+                else:
+                    reads.append(Read(found.source, found.offset, part.nbytes, part.offset))
+                    views[i].append(leaf.detach().view(part.dtype).view(part.size))
+        if spilled:
+            # the spilled parts keep their slot offsets (relative to the first of them)
+            base = min(part.offset for _, _, _, part in spilled)
+            size = max(part.offset + part.nbytes for _, _, _, part in spilled) - base
+            start, region = self.spill.write([leaf.contiguous() for _, _, leaf, _ in spilled],
+                                             [part.offset - base for _, _, _, part in spilled], size)
+            handle = self.spill.handle
+            for i, j, _, part in spilled:
+                o = part.offset - base
+                views[i][j] = region[o:o + part.nbytes].view(part.dtype).view(part.size)
+                reads.append(Read(handle, start + o, part.nbytes, part.offset))
+            u.spilled = sum(part.nbytes for _, _, _, part in spilled)
+            self.tracker.spill_bytes += u.spilled
+        binds = [v[0] if e.wrapper is None else _rebuild(e, v) for e, v in zip(u.entries, views)]
+        bind(u, binds)
+        u.reads = merge_reads(reads)
+        u.master, u.host_views, u.pinned = None, binds, False
 
     def _attach(self, u: _Unit, master: torch.Tensor, binds: List[torch.Tensor]) -> None:
         u.master, u.host_views = master, binds
@@ -449,7 +520,7 @@ class HostMasters:
         have been replaced by equivalent ones viewing the same memory (ComfyUI restores backups
         that way); the entries then follow the new objects."""
         params = unit_params(u)
-        if u.master is None or len(params) != len(u.entries):
+        if not u.packed or len(params) != len(u.entries):
             return False
         for (p, owners), e, bound in zip(params, u.entries, u.host_views):
             if owners != e.owners or (e.wrapper is not None and (
@@ -475,6 +546,9 @@ class HostMasters:
         for u in units:
             if extras:
                 self.drop_extras(u)
+            if u.reads is not None:
+                self._restore_on_file(u, device)
+                continue
             if u.master is None:
                 continue
             own = []
@@ -492,6 +566,43 @@ class HostMasters:
             bind(u, own)
             self.unpin_master(u)
             u.master, u.host_views, u.bound = None, [], False
+
+
+    def _restore_on_file(self, u: _Unit, device: Optional[torch.device]) -> None:
+        """A unit kept on file keeps its mapped views (giving it RAM copies would undo the reason it
+        is on file); only a device other than the host gets copies."""
+        if device is not None and device.type != "cpu":
+            own = []
+            for e, v in zip(u.entries, u.host_views):
+                inner = [t.to(device, copy=True) for _, t in leaf_tensors(v)] if e.wrapper is not None else [v.to(device, copy=True)]
+                own.append(inner[0] if e.wrapper is None else _rebuild(e, inner))
+            bind(u, own)
+        self.tracker.spill_bytes -= u.spilled
+        u.reads, u.spilled, u.host_views, u.bound = None, 0, [], False
+
+
+def _file_order(entries: List[_Entry], finder: SliceFinder) -> int:
+    """Lay the parts out in the order of their bytes in their files (by file, then offset; parts that
+    are no file's last), each at the engine's alignment. Returns the unit's bytes."""
+    keyed = []
+    for e in entries:
+        for part, leaf in zip(e.parts, _leaves(e)):
+            found = finder.find(leaf)
+            keyed.append(((0, id(found.source), found.offset) if found is not None else (1, 0, len(keyed)), part))
+    offset = 0
+    for _, part in sorted(keyed, key=lambda kp: kp[0]):
+        part.offset = offset
+        offset += _align(part.nbytes)
+    return offset
+
+
+def _leaves(e: _Entry) -> List[torch.Tensor]:
+    """The plain tensors holding ``e``'s bytes now (a plain parameter's ``.data``: a GGUF tensor's raw
+    bytes), one per part."""
+    return [e.param.data] if e.wrapper is None else [t for _, t in leaf_tensors(e.param)]
+
+
+_GRANULE_PAD = 1 << 16  # a spill region starts at a mapping granule: up to 64 KiB of padding each
 
 
 def unit_params(u: _Unit) -> List[Tuple[torch.Tensor, List[Tuple[nn.Module, str]]]]:

@@ -43,13 +43,22 @@ class BlockSwapTracker:
     stall_ms: Dict[str, float] = field(default_factory=dict)  # per unit, summed (CUDA events)
     unit_copies: Dict[str, int] = field(default_factory=dict)  # per unit, this run
     timings_dropped: int = 0
+    # host masters kept on file (file_masters, staging)
+    masters: str = "RAM"  # "RAM" | "file"
+    spill_bytes: int = 0  # bytes written to the spill file (units whose bytes are no file's)
+    staging_bytes: int = 0  # the staging ring's buffers
+    read_bytes: int = 0  # this run: bytes read from files into the staging ring
+    read_seconds: float = 0.0  # this run: time the reads took (on the worker thread)
+    read_waits: int = 0  # this run: a unit was needed before its read had finished
+    read_wait_seconds: float = 0.0  # this run: host time spent waiting for reads
 
     def reset_counters(self) -> None:
         """Zero the per-run counters; the plan and the live state stay."""
         for name in ("h2d_bytes", "d2h_bytes", "copies", "prefetch_hits", "stalls", "slot_reuses",
-                     "forwards", "schedule_updates", "max_bound_units", "timings_dropped"):
+                     "forwards", "schedule_updates", "max_bound_units", "timings_dropped", "read_bytes",
+                     "read_waits"):
             setattr(self, name, 0)
-        self.hook_seconds = self.copy_seconds = 0.0
+        self.hook_seconds = self.copy_seconds = self.read_seconds = self.read_wait_seconds = 0.0
         self.copy_ms.clear()
         self.stall_ms.clear()
         self.unit_copies.clear()
@@ -76,6 +85,13 @@ class BlockSwapTracker:
             "stall_ms": round(sum(self.stall_ms.values()), 3),
             "timings_dropped": self.timings_dropped,
             "pageable_reason": self.pageable_reason,
+            "masters": self.masters,
+            "spill_bytes": self.spill_bytes,
+            "staging_bytes": self.staging_bytes,
+            "read_bytes": self.read_bytes,
+            "read_ms": round(self.read_seconds * 1e3, 3),
+            "read_waits": self.read_waits,
+            "read_wait_ms": round(self.read_wait_seconds * 1e3, 3),
         }
 
     def format_summary(self) -> str:
@@ -87,6 +103,10 @@ class BlockSwapTracker:
                 f"({format_bytes(per_fwd)}/forward), D2H {format_bytes(s['d2h_bytes'])}; "
                 f"prefetch hits {s['prefetch_hits']}, stalls {s['stalls']}, reuses {s['slot_reuses']}; "
                 f"host masters {format_bytes(s['host_bytes'])} ({format_bytes(s['pinned_bytes'])} pinned)")
+        if self.masters == "file":
+            text += (f"; masters on file: read {format_bytes(s['read_bytes'])} in {s['read_ms']:.1f} ms, "
+                     f"{s['read_waits']} read waits ({s['read_wait_ms']:.1f} ms), staging "
+                     f"{format_bytes(s['staging_bytes'])}, spilled {format_bytes(s['spill_bytes'])}")
         if self.copy_ms or self.stall_ms:
             text += f"; copy {s['copy_ms']:.1f} ms, stall {s['stall_ms']:.1f} ms"
         return text
