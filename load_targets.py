@@ -1,13 +1,18 @@
 """Where the block-swap loader puts the streamed blocks' tensors while it reads the file: straight into
-the host masters the engine will adopt.
+the host masters the engine will adopt (RAM), or nowhere at all (file).
 
 Glue between the file readers (``formats.weight_files.read_weights`` takes a ``Destination``) and the
-engine's masters (``engine.host_masters``); no ComfyUI. It sits at the top level because it joins the
-two wings, which may not import each other.
+engine's masters (``engine.host_masters``, ``engine.file_masters``); no ComfyUI. It sits at the top
+level because it joins the two wings, which may not import each other.
 
-:class:`HostArenas`: one page-aligned buffer per streamed unit (``engine.host_masters.host_arena``), its tensors
-placed one after another at the engine's alignment; the engine adopts each buffer as the unit's master
-without copying it again.
+* :class:`HostArenas` (host masters in RAM): one page-aligned buffer per streamed unit
+  (``engine.host_masters.host_arena``), its tensors placed one after another at the engine's alignment; the
+  engine adopts each buffer as the unit's master without copying it again.
+* :class:`FileTargets` (host masters on file): a streamed unit's tensors that loading leaves as they are
+  become views of a read-only mapping of the model file (nothing is read; the engine reads them from
+  the file when they stream); tensors loading converts (dtype, the fp8 option) are written to a spill
+  file as they come, one unit's region at a time, and become views of its mapping. No streamed block
+  is kept in anonymous memory, not even while loading (one tensor is, while it is converted).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .engine.file_masters import FileHandle, SpillFile, map_file
 from .engine.host_masters import arena_offset, host_arena
 from .formats.gguf_reader import GGUFTensor
 from .formats.weight_files import Destination, TensorEntry
@@ -22,13 +28,11 @@ from .utils import get_logger
 
 log = get_logger("loader")
 
-__all__ = ["HostArenas"]
+__all__ = ["HostArenas", "FileTargets"]
 
 
 class HostArenas(Destination):
-    """Per-unit host buffers the engine adopts as its masters (module docstring). ``group_of(key)``: the
-    unit a tensor belongs to (None: not streamed); ``group_bytes[unit]``: its buffer's size;
-    ``unchanged(entry)``: loading leaves the tensor as read (it may be read straight into the buffer)."""
+    """Per-unit host buffers the engine adopts as its RAM masters (module docstring)."""
 
     def __init__(self, group_of: Callable[[str], Optional[str]], group_bytes: Dict[str, int],
                  unchanged: Callable[[TensorEntry], bool]):
@@ -39,13 +43,16 @@ class HostArenas(Destination):
     def unchanged(self, e: TensorEntry) -> bool:
         return self.group_of(e.key) is not None and self._unchanged(e)
 
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        return host_arena(nbytes)
+
     def reserve(self, key: str, n: int) -> Optional[torch.Tensor]:
         """The next ``n`` bytes of ``key``'s unit buffer, or None (no unit, or no room left)."""
         group = self.group_of(key)
         if group is None:
             return None
         if group not in self.buffers:
-            self.buffers[group], self.used[group] = host_arena(self.group_bytes[group]), 0
+            self.buffers[group], self.used[group] = self._alloc(self.group_bytes[group]), 0
         off = self.used[group]
         if off + n > self.buffers[group].numel():  # a size estimate was wrong: keep the tensor as it is
             log.warning("loader: %s does not fit its unit's buffer %r; it stays separate", key, group)
@@ -61,6 +68,54 @@ class HostArenas(Destination):
         if dst is None:
             return t
         dst.copy_(raw.contiguous().reshape(-1).view(torch.uint8))
-        if isinstance(t, GGUFTensor):
-            return GGUFTensor.wrap(dst, t.tensor_type, t.tensor_shape)
-        return dst.view(t.dtype).view(t.shape)
+        return _like(dst, t)
+
+
+class FileTargets(HostArenas):
+    """Streamed units kept on file (module docstring): unchanged tensors view the model file,
+    converted ones go to ``spill`` (one region per unit, sized like its host master)."""
+
+    def __init__(self, path: str, group_of, group_bytes, unchanged, spill: SpillFile):
+        super().__init__(group_of, group_bytes, unchanged)
+        self.spill = spill
+        self.handle = FileHandle(path)
+        self._base: Optional[torch.Tensor] = None
+        self._region_start: Dict[str, int] = {}  # file offset of each unit's spill region
+
+    def mapped(self, e: TensorEntry) -> Optional[torch.Tensor]:
+        itemsize = e.dtype.itemsize if e.dtype is not None else 1
+        if e.offset % itemsize or e.offset + e.nbytes > self.handle.size:
+            return None  # a dtype view needs an aligned start: read it (and spill it) instead
+        if self._base is None:
+            self._base = map_file(self.handle, 0, self.handle.size)
+        return self._base[e.offset:e.offset + e.nbytes]
+
+    def reserve(self, key: str, n: int) -> Optional[torch.Tensor]:
+        return None  # what is not mapped is converted first, then placed
+
+    def place(self, key: str, t: torch.Tensor, direct: bool) -> torch.Tensor:
+        group = self.group_of(key)
+        if direct or group is None:  # a view of the model file, or a resident tensor
+            return t
+        if group not in self.buffers:
+            self._region_start[group], self.buffers[group] = self.spill.reserve(self.group_bytes[group])
+            self.used[group] = 0
+        raw = t.as_subclass(torch.Tensor) if isinstance(t, GGUFTensor) else t
+        n = torch.Tensor.numel(raw) * raw.element_size()
+        off = self.used[group]
+        if off + n > self.buffers[group].numel():  # a size estimate was wrong: keep the tensor as it is
+            log.warning("loader: %s does not fit its unit's spill region %r; it stays in RAM", key, group)
+            return t
+        self.used[group] = off + arena_offset(n)
+        self.spill.write_at(self._region_start[group] + off, raw.contiguous())
+        return _like(self.buffers[group][off:off + n], t)
+
+
+def _like(dst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``dst`` (uint8 bytes) viewed as ``t`` is: a GGUF tensor of the same type and shape, or a tensor
+    of ``t``'s dtype and shape."""
+    if isinstance(t, GGUFTensor):
+        return GGUFTensor.wrap(dst, t.tensor_type, t.tensor_shape)
+    return dst.view(t.dtype).view(t.shape)
+
+

@@ -37,7 +37,8 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -194,17 +195,32 @@ def _check_keys(path: str, expected: set, found: set, allowed: set = frozenset()
                              "not read (ComfyUI's mixed-precision quantized files load with UNETLoader).")
 
 
+@dataclass
+class Streamed:
+    """What the block-swap loader says about the units that will stream, so their weights go straight
+    to their host masters while the file is read (:mod:`load_targets`).
+
+    ``units(diffusion_model)``: their names, once the model's structure is known. ``masters(need)``:
+    "RAM" or "file", given the bytes of their host copies. ``spill_folder``: where weights that loading
+    converts go when they are kept on file."""
+
+    units: Callable[[Any], Sequence[str]]
+    masters: Callable[[int], str] = lambda need: "RAM"
+    spill_folder: str = ""
+
+
 def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str = "auto",
                    model_variant: str = "auto", fp8_optimization: str = "disabled",
-                   weight_dtype: str = "auto", for_swap: bool = False, host_groups=None):
+                   weight_dtype: str = "auto", for_swap: bool = False, streamed: Optional[Streamed] = None):
     """Load a WAN diffusion model file. Returns ``(patcher, info, text)``: a ComfyUI ModelPatcher,
     the :class:`config.WanInfo` and a one-line report (also logged).
 
     ``model_type`` ("safetensors" / "gguf"), when given, must match the file's content.
     ``for_swap``: keep every weight in host RAM even where ComfyUI keeps models on the GPU
     (``--highvram``), because the caller streams some blocks from there.
-    ``host_groups(diffusion_model) -> unit names`` (optional): modules whose weights are read into one
-    page-aligned buffer each, which the block-swap engine then adopts as their host masters in place.
+    ``streamed`` (optional, :class:`Streamed`): the units whose weights go straight to their host
+    masters: read into one page-aligned buffer each (RAM), which the block-swap engine adopts in place,
+    or left in the file (file: views of its mapping; converted weights in a spill file).
     Raises :class:`config.BlockSwapError` (a ValueError) naming the file for every bad input; nothing
     is registered with ComfyUI before the model is complete.
     """
@@ -226,10 +242,11 @@ def load_wan_model(path, *, model_type: Optional[str] = None, wan_version: str =
     options = dict(model_type=model_type, wan_version=wan_version, model_variant=model_variant,
                    fp8_optimization=fp8_optimization, weight_dtype=weight_dtype)
     if fmt == "safetensors" and comfy_quantized(entries, metadata):
-        patcher, info, dtypes = _load_comfy_quantized(path, entries, metadata, for_swap=for_swap, **options)
+        patcher, info, dtypes = _load_comfy_quantized(path, entries, metadata, for_swap=for_swap, streamed=streamed,
+                                                      **options)
     else:
         patcher, info, dtypes = _load_plain(path, fmt, entries, metadata, for_swap=for_swap,
-                                            host_groups=host_groups, **options)
+                                            streamed=streamed, **options)
     # How ComfyUI rebuilds a model it must deep-copy (multi-GPU, training), as UNETLoader sets it
     patcher.cached_patcher_init = (_reload, (path, options))
     stored = Counter(e.stored for e in entries)
@@ -281,8 +298,41 @@ def _structure(model_config, stand_ins, unet_dtype, manual_cast, load_device):
     return model_config.get_model(stand_ins, "")
 
 
+def _destination(path: str, entries: List[TensorEntry], streamed: Optional[Streamed], diffusion_model,
+                 loaded_bytes: Callable[[TensorEntry], List[int]], unchanged: Callable[[TensorEntry], bool],
+                 ram_arenas: bool = True):
+    """Where :func:`weight_files.read_weights` puts the streamed units' tensors (:mod:`load_targets`):
+    their host masters in RAM (with ``ram_arenas``; else owned tensors, packed by the engine), or the
+    file (and a spill file for what loading converts); None without ``streamed``."""
+    if streamed is None:
+        return None
+    from .engine.file_masters import SpillFile
+    from .engine.host_masters import arena_offset
+    from .load_targets import FileTargets, HostArenas
+
+    units = tuple(streamed.units(diffusion_model))
+
+    def unit_of(key: str) -> Optional[str]:
+        return next((u for u in units if key.startswith(u + ".")), None)
+
+    group_bytes: Dict[str, int] = {}
+    converted = 0
+    for e in entries:
+        unit = unit_of(e.key)
+        if unit is not None:
+            size = sum(arena_offset(n) for n in loaded_bytes(e))
+            group_bytes[unit] = group_bytes.get(unit, 0) + size
+            converted += 0 if unchanged(e) else size
+    if streamed.masters(sum(group_bytes.values())) != "file":
+        return HostArenas(unit_of, group_bytes, unchanged) if ram_arenas else None
+    spill = SpillFile(streamed.spill_folder)
+    if converted:
+        spill.check_space(converted + len(group_bytes) * (1 << 16))
+    return FileTargets(path, unit_of, group_bytes, unchanged, spill)
+
+
 def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_variant, fp8_optimization,
-                weight_dtype, for_swap, host_groups):
+                weight_dtype, for_swap, streamed):
     """fp16/bf16/fp32/fp8 safetensors and GGUF files: read into memory this process owns, converted
     per tensor as the model's dtypes (and the fp8 option) ask, assigned without a second copy."""
     import comfy.model_management as mm
@@ -316,24 +366,8 @@ def _load_plain(path, fmt, entries, metadata, *, model_type, wan_version, model_
     def unchanged(e: TensorEntry) -> bool:  # _transform hands the tensor back as read
         return _decide(e.key, e.dtype, len(e.shape), target, fp8_dtype) in (("keep", None), ("cast", e.dtype))
 
-    dest = None
-    if host_groups is not None:
-        from .engine.host_masters import arena_offset
-        from .load_targets import HostArenas
-
-        units = tuple(host_groups(model.diffusion_model))
-
-        def unit_of(key: str) -> Optional[str]:
-            return next((u for u in units if key.startswith(u + ".")), None)
-
-        group_bytes: Dict[str, int] = {}
-        for e in entries:
-            unit = unit_of(e.key)
-            if unit is not None:
-                group_bytes[unit] = group_bytes.get(unit, 0) + sum(
-                    arena_offset(n) for n in _loaded_bytes(e, target, fp8_dtype))
-        dest = HostArenas(unit_of, group_bytes, unchanged)
-
+    dest = _destination(path, entries, streamed, model.diffusion_model,
+                        lambda e: _loaded_bytes(e, target, fp8_dtype), unchanged)
     try:
         sd = read_weights(path, entries, _transform(target, fp8_dtype), dest=dest)
     except WeightFileError as e:
@@ -386,7 +420,7 @@ _QUANT_EXTRAS = ("weight_scale", "weight_scale_2", "input_scale", "comfy_quant")
 
 
 def _load_comfy_quantized(path, entries, metadata, *, model_type, wan_version, model_variant, fp8_optimization,
-                          weight_dtype, for_swap):
+                          weight_dtype, for_swap, streamed):
     """ComfyUI's quantized files (fp8_scaled in all three forms, NVFP4, MXFP8, INT8...): checked and
     identified like the others before anything big is read, then read into owned memory and built by
     ComfyUI's own loading function, so the layers are exactly UNETLoader's (QuantizedTensor weights,
@@ -420,12 +454,14 @@ def _load_comfy_quantized(path, entries, metadata, *, model_type, wan_version, m
     if weight_dtype != "auto":
         _probe_dtype(load_device, _DTYPES[weight_dtype], _DTYPES[weight_dtype])
     # the plain structure names every weight the file must hold; quantized layers add their scales
-    expected = set(_structure(model_config, stand_ins, torch.float32, None, load_device)
-                   .diffusion_model.state_dict())
+    structure = _structure(model_config, stand_ins, torch.float32, None, load_device).diffusion_model
+    expected = set(structure.state_dict())
     extras = {k[:-len("weight")] + x for k in expected if k.endswith(".weight") for x in _QUANT_EXTRAS}
     _check_keys(path, expected, set(stand_ins), allowed=extras)
+    # ComfyUI builds the layers from the tensors as stored: kept on file, the streamed ones are views of it
+    dest = _destination(path, entries, streamed, structure, lambda e: [e.nbytes], lambda e: True, ram_arenas=False)
     try:
-        sd = read_weights(path, entries)
+        sd = read_weights(path, entries, dest=dest)
     except WeightFileError as e:
         raise BlockSwapError(str(e)) from e
     model_options = {} if weight_dtype == "auto" else {"dtype": _DTYPES[weight_dtype]}

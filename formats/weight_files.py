@@ -146,6 +146,10 @@ class Destination:
         """``e``'s tensor comes out of the transform as read (so it may be read straight to its place)."""
         return False
 
+    def mapped(self, e: TensorEntry) -> Optional[torch.Tensor]:
+        """``e``'s bytes (uint8) as a view of the file, read by no one now, or None: read them."""
+        return None
+
     def reserve(self, key: str, nbytes: int) -> Optional[torch.Tensor]:
         """A buffer (uint8) to read ``key``'s bytes straight into, or None."""
         return None
@@ -178,9 +182,10 @@ def read_weights(path, entries: List[TensorEntry], transform: Optional[Transform
 
     ``transform(key, tensor)`` may return replacement entries (e.g. a converted tensor, or an fp8
     weight plus its scale); it runs right after each read, so at most one untransformed tensor
-    exists at a time. ``dest`` (a :class:`Destination`) may place tensors elsewhere: a buffer read
-    straight into for tensors the transform leaves unchanged (:meth:`Destination.reserve`), a home for
-    each final tensor (:meth:`Destination.place`).
+    exists at a time. ``dest`` (a :class:`Destination`) may place tensors elsewhere: a view of the file
+    instead of a read (:meth:`Destination.mapped`), a buffer read straight into for tensors the
+    transform leaves unchanged (:meth:`Destination.reserve`), a home for each final tensor
+    (:meth:`Destination.place`).
     Raises WeightFileError naming the file if it shrank since the scan.
     """
     path = os.fspath(path)
@@ -190,11 +195,15 @@ def read_weights(path, entries: List[TensorEntry], transform: Optional[Transform
         # torch.frombuffer warns that a read-only map is not writable: it is only read from
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         for e in sorted(entries, key=lambda e: e.offset):
-            raw = dest.reserve(e.key, e.nbytes) if dest.unchanged(e) else None
-            direct = raw is not None
+            unchanged = dest.unchanged(e)
+            raw = dest.mapped(e) if unchanged else None
+            direct = raw is not None  # a view of the file: nothing to read now
             if raw is None:
-                raw = torch.empty(e.nbytes, dtype=torch.uint8)
-            _read_range(f, path, e, raw)
+                raw = dest.reserve(e.key, e.nbytes) if unchanged else None
+                direct = raw is not None
+                if raw is None:
+                    raw = torch.empty(e.nbytes, dtype=torch.uint8)
+                _read_range(f, path, e, raw)
             if e.dtype is None:
                 t = GGUFTensor.wrap(raw, e.stored, e.shape)
             else:
