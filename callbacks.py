@@ -58,7 +58,8 @@ from .block_manager import BlockSwapEngine
 from .engine.device_ring import SharedRing
 from .engine.host_masters import check_streamable, packed_bytes
 from .config import BlockSwapError, SwapPlan, plan_swap, tensor_bytes, unwrap
-from .preflight import full_model_size, preflight, with_pin_budget
+from .engine.file_masters import SpillError
+from .preflight import modules_with_others, full_model_size, host_memory_mode, preflight, with_pin_budget
 from .preflight import pin_budget_left as _pin_budget_left
 from .readout import format_run_text, node_text, plan_lines, run_figures, run_trace
 from .utils import (__version__, as_device, format_bytes, get_logger, host_available_bytes, trace_directory,
@@ -167,17 +168,46 @@ class SwapController:
         engine.use_shared_ring(self.ring)
         engine.ring_listener = self._ring_changed
         self._make_room_for_ring(patcher, engine)
-        engine.setup(install_hooks=False)
+        try:
+            engine.setup(install_hooks=False)
+        except SpillError as err:
+            engine = self._masters_in_ram_instead(patcher, err)
+            engine.use_shared_ring(self.ring)
+            engine.ring_listener = self._ring_changed
+            engine.setup(install_hooks=False)
         self._patcher_ref = weakref.ref(patcher)
         self._set_weight_patches(patcher, engine)
         self.account(patcher, engine)
         return engine
 
     def pack_masters(self, patcher) -> BlockSwapEngine:
-        """Only the host masters, now (the BlockSwap loader, right after reading the file): the
-        streamed blocks leave their loading copies for their pinned ones before any run, and
-        nothing is allocated on the device."""
-        return self._engine_for(patcher).pack_masters()
+        """Only the host masters, now (the BlockSwap loader, right after reading the file; the swap
+        node for masters on file, so the streamed blocks' RAM copies go at once): nothing is allocated
+        on the device."""
+        try:
+            return self._engine_for(patcher).pack_masters()
+        except SpillError as err:
+            return self._masters_in_ram_instead(patcher, err).pack_masters()
+
+    def _masters_in_ram_instead(self, patcher, err: Exception) -> BlockSwapEngine:
+        """The spill folder failed (unwritable, full): host masters in RAM where they fit, with a log
+        line and a note on the node; else the error, which names the folder."""
+        from .preflight import host_bytes_needed
+
+        need, available = host_bytes_needed(self.targets.values()), host_available_bytes()
+        if need > available:
+            raise BlockSwapError(f"{err} (host copies in RAM instead would need {format_bytes(need)}, but only "
+                                 f"{format_bytes(available)} is available)") from err
+        log.warning("block swap: %s; keeping the host masters in RAM instead (%s fit in %s)", err,
+                    format_bytes(need), format_bytes(available))
+        self.plan = replace(self.plan, settings=replace(self.plan.settings, host_memory="RAM"))
+        self.readout_plan = [line if not line.startswith("Masters:") else "Masters: RAM (spill failed)"
+                             for line in self.readout_plan]
+        self.readout_notes.append(f"Spill failed, masters in RAM: {err}")
+        engine = _ENGINES.pop(self._model_ref(), None)
+        if engine is not None:
+            engine.teardown()
+        return self._engine_for(patcher)
 
     def _engine_for(self, patcher) -> BlockSwapEngine:
         model = self._model_ref()
@@ -187,8 +217,11 @@ class SwapController:
         # Host masters live in RAM even where ComfyUI keeps models on the GPU (--highvram).
         offload = patcher.offload_device if patcher.offload_device.type == "cpu" else torch.device("cpu")
         engine = _ENGINES.get(model)
+        mine = self.plan.settings
         if engine is not None and (engine.plan.units != self.plan.units or engine.plan.slots != self.plan.slots
-                                   or engine.settings.use_non_blocking != self.plan.settings.use_non_blocking
+                                   or engine.settings.use_non_blocking != mine.use_non_blocking
+                                   or engine.settings.host_memory != mine.host_memory
+                                   or engine.settings.spill_dir != mine.spill_dir
                                    or engine.compute_device != as_device(device)):
             # Another BlockSwap node with other settings used these weights last, or another device
             # (cuda:0 -> cuda:1 must not keep a ring on the old GPU).
@@ -497,14 +530,19 @@ def plan_for(diffusion_model, settings):
 
 def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
                      ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = (),
-                     dynamic_vram: str = PASS_THROUGH):
+                     dynamic_vram: str = PASS_THROUGH, host_memory: str = "auto", spill_folder: str = "",
+                     masters_why: Optional[str] = None):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
     ``(model, text)`` with a description of what was done for the node's readout (the plan in short
     lines, then a line per pre-flight warning; the log gets the long form). ``pack_masters``: copy the
     streamed units into their host masters now, not at the first run. ``others``: block-swap clones the same node prepared before this one
     (the looper nodes): nothing of theirs is packed yet, so the host RAM check covers them too.
     ``dynamic_vram``: what to do with a Dynamic VRAM patcher (:data:`DYNAMIC_VRAM_CHOICES`; see
-    :func:`classic_copy`).
+    :func:`classic_copy`). ``host_memory``: where the host masters live, "RAM", "file" or "auto" (RAM when
+    the copies of this model and ``others`` fit with headroom, else file); ``masters_why``: the reason
+    for a mode a multi-model node already chose with :func:`host_memory_for` (shown on the node).
+    ``spill_folder``: where a model kept on file writes the bytes that are no file's ("": ComfyUI's
+    temp folder).
 
     Raises :class:`BlockSwapError` before anything is changed (no clone, no engine) when the
     model cannot be swapped or the host RAM cannot hold the host copies (see :func:`preflight`)."""
@@ -527,6 +565,11 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     for name, target in targets.items():  # refuse what cannot stream now, not in the middle of a run
         for p in target.parameters():
             check_streamable(p, name)
+    mode, why = host_memory, masters_why or "chosen"
+    if host_memory == "auto":
+        mode, why = host_memory_mode(host_memory, modules_with_others(diffusion_model, targets, others)[0])
+    settings = replace(settings, host_memory=mode, spill_dir=spill_folder or default_spill_folder())
+    plan = replace(plan, settings=settings)
     notes = preflight(patcher, diffusion_model, layout, settings, plan, targets, _ENGINES, others)
     if dynamic_note:
         notes.insert(0, dynamic_note)
@@ -541,8 +584,6 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
         return clone, "\n".join([text, *notes])
     controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id, ring=ring)
     controller.install(clone)
-    if pack_masters:
-        controller.pack_masters(clone)
     text = (f"Block swap: {len(plan.block_indices)} of {layout.num_blocks} blocks streamed "
             f"({', '.join(map(str, plan.block_indices)) or 'none'})"
             + (f", {len(plan.vace_indices)} of {layout.num_vace_blocks} VACE blocks" if layout.num_vace_blocks else "")
@@ -556,9 +597,44 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
         num_vace_blocks=layout.num_vace_blocks,
         other_units=[u for u in plan.units if not u.startswith(("blocks.", "vace_blocks."))],
         slots=plan.slots, slot_bytes=controller.ring_bytes() // plan.slots,
-        async_copies=settings.use_non_blocking and patcher.load_device.type == "cuda")
+        async_copies=settings.use_non_blocking and patcher.load_device.type == "cuda", masters=f"{mode} ({why})")
+    log.info("block swap: host masters in %s (%s)%s", mode, why,
+             f"; spill folder {settings.spill_dir}" if mode == "file" else "")
     controller.readout_notes = list(notes)
-    return clone, "\n".join([*controller.readout_plan, *notes])
+    if pack_masters or mode == "file":
+        # On file: the streamed blocks' copies in RAM (another loader's) are released now, not at the
+        # first run, so the next node (the other expert's loader) has that RAM.
+        controller.pack_masters(clone)
+    return clone, "\n".join([*controller.readout_plan, *controller.readout_notes])
+
+
+def default_spill_folder() -> str:
+    """ComfyUI's temp folder (emptied at every start), the OS's outside ComfyUI."""
+    import os
+    import tempfile
+
+    try:
+        import folder_paths  # ComfyUI's module
+        return os.path.join(folder_paths.get_temp_directory(), "wan22_blockswap")
+    except Exception:  # noqa: BLE001 - ImportError, or a folder_paths without that function
+        return tempfile.gettempdir()
+
+
+def host_memory_for(patchers: Sequence, settings, choice: str):
+    """``(mode, why)`` for the models a multi-model node prepares together (both WAN 2.2 experts, a
+    sequence's segments): "auto" counts the host copies of all of them at once, so they all get the
+    same kind of master. Other choices are returned as they are."""
+    if choice != "auto":
+        return choice, "chosen"
+    modules, seen = [], set()
+    for p in patchers:
+        if p is None or id(p) in seen:
+            continue
+        seen.add(id(p))
+        dm = p.get_model_object("diffusion_model")
+        plan = plan_for(dm, settings)[2]
+        modules += [unwrap(dm.get_submodule(n)) for n in plan.units]
+    return host_memory_mode(choice, modules)
 
 
 def clamp_settings(settings, layout):

@@ -35,17 +35,31 @@ def is_model(x) -> bool:
     return hasattr(x, "clone") and hasattr(x, "model")
 
 
+def masters_for(models, settings: SwapSettings, host_memory: str, dynamic_vram: str = PASS_THROUGH) -> Dict[str, Any]:
+    """The host-memory choice for all ``models`` a node prepares, made once (``auto`` counts all of
+    their host copies together, so every model of a pipeline gets the same kind of master), as
+    keyword arguments for :func:`prepare_model_for_loop`. Models Dynamic VRAM keeps are left out:
+    they pass through."""
+    from .callbacks import host_memory_for, is_dynamic
+
+    models = [m for m in models if m is not None and is_model(m) and not (dynamic_vram == PASS_THROUGH and is_dynamic(m))]
+    mode, why = host_memory_for(models, settings, host_memory)
+    return {"host_memory": mode, "masters_why": why}
+
+
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
                            prepared: Optional[Dict[int, Tuple[Any, Any, str]]] = None, debug: bool = False,
-                           node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH):
+                           node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH,
+                           host_memory: str = "auto", masters_why: Optional[str] = None, spill_folder: str = ""):
     """A block-swap clone of ``model`` for reuse in every loop (``None`` stays ``None``).
 
     ``prepared`` maps ``id(model)`` to ``(model, clone, text)``: a model that appears in several
     segments is prepared once and every segment gets the same clone; the host RAM check counts the
     models in it together (none of them has run yet); the node shows the texts of all of them.
     ``ring`` shares device slots with the other models of the pipeline. ``note`` (e.g. the
-    vram_budget choice) follows the plan in the node's text. ``dynamic_vram``: see
-    :func:`callbacks.apply_block_swap`.
+    vram_budget choice) follows the plan in the node's text. ``dynamic_vram``, ``host_memory``,
+    ``masters_why``, ``spill_folder``: see :func:`callbacks.apply_block_swap` (:func:`masters_for` makes
+    one choice for all the models of a node).
     """
     if model is None:
         return None
@@ -58,7 +72,8 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
     # The models this node prepared before are not packed yet: the host RAM check covers them too.
     others = [entry[1] for entry in prepared.values()] if prepared else []
     clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others,
-                                   dynamic_vram=dynamic_vram)
+                                   dynamic_vram=dynamic_vram, host_memory=host_memory, masters_why=masters_why,
+                                   spill_folder=spill_folder)
     if debug:
         log.info("looper: %s", text)
     tail = [note] if note else []  # the plan comes first: the node shows its first lines
@@ -72,10 +87,12 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
 
 
 def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
-                     node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH) -> List:
+                     node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH,
+                     host_memory: str = "auto", spill_folder: str = "") -> List:
     """WanVideoLoraSequencer's ``model_clip_sequence`` with every model prepared: same length, each
     entry ``(model_high | None, model_low | None, clip | None)`` (``None`` entries kept), clips passed
-    through, each distinct model prepared once, all sharing one device ring."""
+    through, each distinct model prepared once, all sharing one device ring and one host-memory
+    choice (:func:`masters_for`)."""
     if not isinstance(sequence, (list, tuple)):
         raise TypeError("model_clip_sequence must be the list WanVideoLoraSequencer outputs, got "
                         f"{type(sequence).__name__}")
@@ -90,13 +107,16 @@ def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
                 raise ValueError(f"model_clip_sequence[{i}][{j}] must be a MODEL or None, got {type(m).__name__}")
     ring = SharedRing()
     prepared: Dict[int, Tuple[Any, Any, str]] = {}
+    masters = masters_for([m for entry in sequence if entry is not None for m in entry[:2]], settings, host_memory,
+                          dynamic_vram)
     out = []
     for entry in sequence:
         if entry is None:
             out.append(None)
             continue
         high, low, clip = entry
-        kw = dict(ring=ring, prepared=prepared, debug=debug, node_id=node_id, note=note, dynamic_vram=dynamic_vram)
+        kw = dict(ring=ring, prepared=prepared, debug=debug, node_id=node_id, note=note, dynamic_vram=dynamic_vram,
+                  spill_folder=spill_folder, **masters)
         out.append((prepare_model_for_loop(high, settings, **kw), prepare_model_for_loop(low, settings, **kw),
                     clip))
     return out

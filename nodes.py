@@ -10,6 +10,7 @@ entry point), which returns :class:`BlockSwapExtension`.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 from comfy_api.latest import ComfyExtension, io
@@ -101,6 +102,34 @@ def dynamic_vram_input() -> io.Combo.Input:
         "Only when ComfyUI's Dynamic VRAM is on (its default on NVIDIA): 'pass through' leaves the model "
         "to ComfyUI's own weight streaming; 'block swap' reloads it as a classic model (as core's "
         "TorchCompileModel does; the whole model in RAM, checked first) and streams the chosen blocks.")
+
+
+def host_memory_inputs() -> list:
+    """Where the streamed blocks' host copies live (optional, after dynamic_vram: saved workflows without
+    them keep loading, with auto)."""
+    from .utils import HOST_MEMORY_CHOICES
+
+    return [
+        io.Combo.Input("host_memory", options=list(HOST_MEMORY_CHOICES), default="auto", optional=True,
+                       advanced=True, tooltip=
+            "Where the streamed blocks wait between uses. RAM: a copy in host RAM (fastest; needs their "
+            "size in free RAM). file: no copy in RAM; each block is read from the model file (or from a "
+            "spill file, for weights converted at load) just before it is copied to the GPU, so both WAN "
+            "2.2 experts run on machines with less RAM than they need; a fast SSD hides the reads. auto: "
+            "RAM when the copies fit with headroom (2 GiB or a fifth of what is free), else file."),
+        io.String.Input("spill_folder", default="", optional=True, advanced=True, tooltip=
+            "host_memory file: the folder for weights that are not a slice of a file (converted at load), "
+            "written once per model and deleted with it. Empty: ComfyUI's temp folder. Pick a fast disk."),
+    ]
+
+
+def host_memory(swap: dict) -> str:
+    """The node's host_memory choice (absent in workflows saved before it existed)."""
+    return swap.get("host_memory") or "auto"
+
+
+def spill_folder(swap: dict) -> str:
+    return (swap.get("spill_folder") or "").strip()
 
 
 def free_device_bytes(patcher) -> Optional[int]:
@@ -197,7 +226,8 @@ class WAN22BlockSwap(io.ComfyNode):
             description=(
                 "Keeps the chosen WAN 2.1/2.2 transformer blocks in RAM and streams them to the GPU as they "
                 "run: 14B models on 8-16 GB cards, same output."),
-            inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *swap_inputs(), budget_input(), dynamic_vram_input()],
+            inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *swap_inputs(), budget_input(), dynamic_vram_input(),
+                    *host_memory_inputs()],
             outputs=[io.Model.Output(tooltip="A clone of the model whose chosen blocks stream from host RAM. "
                                              "The input model and its other clones are unchanged.")],
             hidden=[io.Hidden.unique_id])
@@ -212,7 +242,8 @@ class WAN22BlockSwap(io.ComfyNode):
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = apply_budget(model, settings, vram_budget)
-        out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, dynamic_vram=dynamic_vram(swap))
+        out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, dynamic_vram=dynamic_vram(swap),
+                                     host_memory=host_memory(swap), spill_folder=spill_folder(swap))
         send_node_text(node_id, f"{text}\n{why}" if why else text)
         return (out,)
 
@@ -229,7 +260,7 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
                 "set of GPU slots."),
             inputs=[io.Model.Input("model_high", tooltip="WAN 2.2 high-noise expert (early steps)."),
                     io.Model.Input("model_low", tooltip="WAN 2.2 low-noise expert (late steps)."),
-                    *swap_inputs(), budget_input(), dynamic_vram_input()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs()],
             outputs=[io.Model.Output("model_high",
                                      tooltip="The high-noise expert, ready for WanVideoLooper's model_high."),
                      io.Model.Output("model_low",
@@ -244,13 +275,14 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
     @classmethod
     def apply(cls, model_high, model_low, unique_id=None, vram_budget="off", **swap):
         from .engine.device_ring import SharedRing
-        from .looper_helpers import prepare_model_for_loop
+        from .looper_helpers import masters_for, prepare_model_for_loop
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         # the experts have the same architecture and take turns on the GPU: one plan serves both
         settings, why = apply_budget(model_high, settings, vram_budget)
         kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id, note=why,
-                  dynamic_vram=dynamic_vram(swap))
+                  dynamic_vram=dynamic_vram(swap), spill_folder=spill_folder(swap),
+                  **masters_for([model_high, model_low], settings, host_memory(swap), dynamic_vram(swap)))
         return (prepare_model_for_loop(model_high, settings, **kw),
                 prepare_model_for_loop(model_low, settings, **kw))
 
@@ -267,7 +299,7 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
                 "of GPU slots."),
             inputs=[ANY.Input("model_clip_sequence", tooltip=
                         "WanVideoLoraSequencer's output: a list of (model_high, model_low, clip) per segment."),
-                    *swap_inputs(), budget_input(), dynamic_vram_input()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs()],
             outputs=[ANY.Output("model_clip_sequence", tooltip=
                         "The same list of (model_high, model_low, clip) segments with prepared models; "
                         "connect it to WanVideoLooper's model_clip_sequence.")],
@@ -285,7 +317,8 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = budget_for_first_model(model_clip_sequence, settings, vram_budget)
         return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id, note=why,
-                                 dynamic_vram=dynamic_vram(swap)),)
+                                 dynamic_vram=dynamic_vram(swap), host_memory=host_memory(swap),
+                                 spill_folder=spill_folder(swap)),)
 
 
 class _LoopAware(io.ComfyNode):
@@ -303,7 +336,7 @@ class _LoopAware(io.ComfyNode):
             description=cls.DESCRIPTION_TEXT,
             inputs=[ANY.Input("models_list", tooltip=
                         "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."),
-                    *swap_inputs(), budget_input(), dynamic_vram_input()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs()],
             outputs=[ANY.Output("prepared_models", tooltip="The input list with prepared models, same shape.")],
             hidden=[io.Hidden.unique_id], is_deprecated=cls.DEPRECATED_ID)
 
@@ -321,10 +354,12 @@ class _LoopAware(io.ComfyNode):
                 e is None or is_model(e) for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap
             seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id,
-                                   note=why, dynamic_vram=dynamic_vram(swap))
+                                   note=why, dynamic_vram=dynamic_vram(swap), host_memory=host_memory(swap),
+                                   spill_folder=spill_folder(swap))
             return ([e[0] for e in seq],)
         return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id, note=why,
-                                 dynamic_vram=dynamic_vram(swap)),)
+                                 dynamic_vram=dynamic_vram(swap), host_memory=host_memory(swap),
+                                 spill_folder=spill_folder(swap)),)
 
 
 class WAN22BlockSwapLooper(_LoopAware):
@@ -440,7 +475,7 @@ class WAN22BlockSwapLoader(io.ComfyNode):
             description=(
                 "Loads a WAN 2.1/2.2 model with block swap: the streamed blocks go from the file to RAM and "
                 "never touch the GPU."),
-            inputs=[*loader_inputs(), *swap_inputs(), budget_input()],
+            inputs=[*loader_inputs(), *swap_inputs(), budget_input(), *host_memory_inputs()],
             outputs=[io.Model.Output(tooltip="The WAN model with the chosen blocks streaming from host RAM.")],
             hidden=[io.Hidden.unique_id])
 
@@ -454,20 +489,44 @@ class WAN22BlockSwapLoader(io.ComfyNode):
     @classmethod
     def load(cls, model_type, safetensors_model, gguf_model, wan_version, model_variant,
              fp8_optimization, weight_dtype, unique_id=None, vram_budget="off", **swap):
-        from .callbacks import apply_block_swap, plan_for, send_node_text
+        from .callbacks import apply_block_swap, default_spill_folder, plan_for, send_node_text
+        from .engine.file_masters import SpillError
+        from .model_loader import Streamed
+        from .utils import choose_host_memory, host_available_bytes
 
         settings, debug, node_id = parse_swap(swap, unique_id)
+        budget = vram_budget not in (None, "off")
+        choice, folder = host_memory(swap), spill_folder(swap) or default_spill_folder()
+        masters = {"host_memory": choice, "masters_why": None}
 
         def streamed_units(diffusion_model):  # known before reading: their weights go straight to masters
+            if budget:  # the count depends on the loaded sizes: every block is a candidate
+                return plan_for(diffusion_model, replace(settings, blocks_to_swap=48, vace_blocks_to_swap=15))[2].units
             return plan_for(diffusion_model, settings)[2].units
 
-        # With vram_budget the count depends on the loaded sizes: those blocks are repacked once.
-        patcher, info, _text = _load(model_type, safetensors_model, gguf_model, for_swap=True,
-                                     wan_version=wan_version, model_variant=model_variant,
-                                     fp8_optimization=fp8_optimization, weight_dtype=weight_dtype,
-                                     host_groups=streamed_units if vram_budget in (None, "off") else None)
+        def decide(need: int) -> str:  # RAM or file, from the streamed units' bytes in the file's header
+            masters["host_memory"], masters["masters_why"] = choose_host_memory(choice, need, host_available_bytes())
+            return masters["host_memory"]
+
+        # With vram_budget and RAM masters the count depends on the loaded sizes: those blocks are repacked once.
+        streamed = None if budget and choice == "RAM" else Streamed(streamed_units, decide, folder)
+        load = dict(for_swap=True, wan_version=wan_version, model_variant=model_variant,
+                    fp8_optimization=fp8_optimization, weight_dtype=weight_dtype)
+        try:
+            patcher, info, _text = _load(model_type, safetensors_model, gguf_model, streamed=streamed, **load)
+        except SpillError as err:  # the spill folder failed: host copies in RAM where they fit
+            def in_ram(need: int) -> str:
+                if need > host_available_bytes():
+                    raise err
+                log.warning("block swap: %s; loading with the host masters in RAM instead", err)
+                masters["host_memory"], masters["masters_why"] = "RAM", "spill failed"
+                return "RAM"
+
+            patcher, info, _text = _load(model_type, safetensors_model, gguf_model,
+                                         streamed=Streamed(streamed_units, in_ram, folder), **load)
         settings, why = apply_budget(patcher, settings, vram_budget)
-        out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True)
+        out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True,
+                                          spill_folder=folder, **masters)
         loaded = loaded_text(info, safetensors_model if model_type == "safetensors" else gguf_model)
         send_node_text(node_id, "\n".join(t for t in (swap_text, why, loaded) if t))
         return (out,)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, plan_swap, tensor_bytes, unwrap
+from .config import BlockSwapError, ModelLayout, SwapPlan, SwapSettings, leaf_tensors, plan_swap, tensor_bytes, unwrap
+from .engine.file_masters import SliceFinder
 from .engine.host_masters import packed_bytes
-from .utils import (VRAM_LIMIT, device_total_memory, host_available_bytes, host_ram_message, pin_budget_message,
-                    vram_message)
+from .utils import (VRAM_LIMIT, choose_host_memory, device_total_memory, host_available_bytes, host_ram_message,
+                    pin_budget_message, vram_message)
 
 
 def _hidden(module: nn.Module) -> Optional[nn.Module]:
@@ -85,28 +86,52 @@ def host_bytes_needed(modules: Iterable[nn.Module]) -> int:
     return moved + headroom
 
 
-def preflight(patcher, diffusion_model: nn.Module, layout: ModelLayout, settings: SwapSettings,
-              plan: SwapPlan, targets: Dict[str, nn.Module], engines: Mapping[nn.Module, object],
-              others: Sequence = ()) -> List[str]:
-    """Checks before the node changes anything. Raises :class:`BlockSwapError` when host RAM cannot
-    hold the host copies of this model's streamed blocks together with those of ``others`` (clones
-    prepared by the same node, not run yet: both WAN 2.2 experts are prepared before either runs).
-    Returns warnings: part of the masters will be pageable (ComfyUI's pin cap), the resident weights
-    exceed 90 % of the card."""
-    notes: List[str] = []
+def modules_with_others(diffusion_model: nn.Module, targets: Dict[str, nn.Module], others: Sequence):
+    """The streamed modules of this model and of ``others`` (clones the same node prepared before it,
+    not run yet), and the ids of the models they belong to."""
     prepared = [(o.model.diffusion_model, streamed_modules(o)) for o in others]
     prepared = [(dm, mods) for dm, mods in prepared if mods]
     modules = list(targets.values()) + [m for _, mods in prepared for m in mods]
     models = {id(dm) for dm, _ in prepared} | ({id(diffusion_model)} if targets else set())
+    return modules, models
+
+
+def host_memory_mode(choice: str, modules: Sequence[nn.Module]) -> Tuple[str, str]:
+    """``(mode, why)`` for ``choice`` ("auto" / "RAM" / "file") given every streamed module the node
+    prepares (both WAN 2.2 experts: they are prepared before either runs): see
+    :func:`utils.choose_host_memory`. The copies need all of their bytes; the RAM they may use is what
+    is available plus what their weights hold in anonymous RAM now (a loader's copies, which masters on
+    file would release; weights that are views of their file hold none)."""
+    unique = list({id(m): m for m in modules}.values())
+    need = sum(packed_bytes(m) for m in unique)
+    finder = SliceFinder()
+    held = sum(tensor_bytes(t) for m in unique for p in m.parameters() for _, t in leaf_tensors(p)
+               if t.device.type == "cpu" and finder.find(t) is None)
+    return choose_host_memory(choice, need, host_available_bytes() + held)
+
+
+def preflight(patcher, diffusion_model: nn.Module, layout: ModelLayout, settings: SwapSettings,
+              plan: SwapPlan, targets: Dict[str, nn.Module], engines: Mapping[nn.Module, object],
+              others: Sequence = ()) -> List[str]:
+    """Checks before the node changes anything. With host masters in RAM (``settings.host_memory``),
+    raises :class:`BlockSwapError` when host RAM cannot hold the host copies of this model's streamed
+    blocks together with those of ``others`` (clones prepared by the same node, not run yet: both WAN
+    2.2 experts are prepared before either runs). Returns warnings: part of the masters (on file: the
+    staging ring) will be pageable (ComfyUI's pin cap), the resident weights exceed 90 % of the card."""
+    notes: List[str] = []
+    modules, models = modules_with_others(diffusion_model, targets, others)
     if modules:
         what = "this model" if len(models) == 1 else f"the {len(models)} models this node prepares"
-        error = host_ram_message(host_bytes_needed(modules), host_available_bytes(), what)
+        on_file = settings.host_memory == "file"
+        error = None if on_file else host_ram_message(host_bytes_needed(modules), host_available_bytes(), what)
         if error:
             raise BlockSwapError(error)
         if patcher.load_device.type == "cuda" and settings.use_non_blocking:
             budget = settings.pin_budget_bytes if settings.pin_budget_bytes is not None else pin_budget_left(engines, models)
-            masters = sum(packed_bytes(m) for m in {id(m): m for m in modules}.values())
-            note = pin_budget_message(masters, budget)
+            sizes = [packed_bytes(m) for m in {id(m): m for m in modules}.values()]
+            # on file only the staging ring is pinned: as many buffers as slots, per model
+            pinned = plan.slots * max(sizes) * len(models) if on_file else sum(sizes)
+            note = pin_budget_message(pinned, budget)
             if note:
                 notes.append(note)
     note = vram_preflight(patcher, diffusion_model, layout, settings, plan)

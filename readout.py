@@ -19,22 +19,9 @@ import torch
 
 from .engine.host_masters import packed_bytes
 from .utils import (device_memory, device_name, device_total_memory, format_bytes, host_available_bytes,
-                    host_rss_bytes)
+                    host_rss_bytes, short_bytes)
 
 NODE_WIDTH = 40  # characters a line may have to fit a swap node at its default width
-
-
-def short_bytes(n: float) -> str:
-    """Bytes with three significant digits: ``512 B``, ``3.43 MiB``, ``336 MiB``, ``14.0 GiB``."""
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1000 or unit == "GiB":  # 1000, not 1024: "1010 MiB" would be a 4-digit figure
-            break
-        n /= 1024
-    if unit == "B":
-        return f"{n:.0f} B"
-    digits = 0 if abs(n) >= 100 else 1 if abs(n) >= 10 else 2
-    return f"{n:.{digits}f} {unit}"
 
 
 def short_ms(ms: float) -> str:
@@ -71,14 +58,17 @@ def fit(text: str, width: int = NODE_WIDTH) -> str:
 
 def plan_lines(*, streamed_blocks: Sequence[int], num_blocks: int, vace_streamed: Sequence[int] = (),
                num_vace_blocks: int = 0, other_units: Iterable[str] = (), slots: int, slot_bytes: int,
-               async_copies: bool) -> List[str]:
-    """The plan: a summary line (what streams) and detail lines (the ring, which blocks, copy mode)."""
+               async_copies: bool, masters: Optional[str] = None) -> List[str]:
+    """The plan: a summary line (what streams) and detail lines (the ring, where the host masters are
+    and why, which blocks, copy mode)."""
     summary = f"Plan: {len(streamed_blocks)}/{num_blocks} blocks"
     if num_vace_blocks and vace_streamed:
         summary += f" + {len(vace_streamed)}/{num_vace_blocks} VACE"
     summary += " streamed"
     details = [f"Ring {slots} x {short_bytes(slot_bytes)}, " + ("pinned async copies" if async_copies
                                                                else "synchronous copies")]
+    if masters:
+        details.append(f"Masters: {masters}")
     what = [f"blocks {spans(streamed_blocks)}"] if streamed_blocks else []
     if vace_streamed:
         what.append(f"VACE {spans(vace_streamed)}")
@@ -109,6 +99,8 @@ def run_lines(f: Mapping[str, Any]) -> List[str]:
         details.append(f"Host copies {short_bytes(host)}, all pinned")
     else:
         details.append(f"Host copies {short_bytes(host)} ({short_bytes(host - pinned)} pageable)")
+    if f.get("masters") == "file":
+        details.append(f"Read {short_bytes(f['read_bytes'])} from file, {f['read_waits']} waits")
     details.append(f"Process RAM {short_bytes(m['host_rss_bytes'])}")
     return [summary, *details]
 
@@ -144,11 +136,18 @@ def run_figures(engine, device=None) -> Dict[str, Any]:
         "copy_ms": round(copy_ms, 3),
         # Without a copy stream every copy blocks the compute that needs it: all copy time is stall.
         "stall_ms": round(sum(t.stall_ms.values()) if overlapped else copy_ms, 3),
+        "masters": t.masters,
+        "read_bytes": t.read_bytes,
+        "read_ms": round(t.read_seconds * 1e3, 3),
+        "read_waits": t.read_waits,
+        "read_wait_ms": round(t.read_wait_seconds * 1e3, 3),
         "memory": {
             "vram": mem or None,  # None: no device counters (CPU)
             "host_master_bytes": t.host_bytes,
             "pinned_bytes": t.pinned_bytes,
             "pageable_reason": t.pageable_reason,
+            "spill_bytes": t.spill_bytes,
+            "staging_bytes": t.staging_bytes,
             "host_rss_bytes": host_rss_bytes(),
             "host_available_bytes": host_available_bytes(),
         },
@@ -169,6 +168,10 @@ def format_run_text(f: Mapping[str, Any]) -> str:
         pinned += f", {format_bytes(m['host_master_bytes'] - m['pinned_bytes'])} pageable"
     line2 = (f"{vram}; host masters {format_bytes(m['host_master_bytes'])} ({pinned}), "
              f"RSS {format_bytes(m['host_rss_bytes'])}")
+    if f.get("masters") == "file":
+        line2 += (f"; masters on file: read {format_bytes(f['read_bytes'])} in {f['read_ms']:.1f} ms, waited "
+                  f"{f['read_wait_ms']:.1f} ms ({f['read_waits']} waits), staging {format_bytes(m['staging_bytes'])}, "
+                  f"spill file {format_bytes(m['spill_bytes'])}")
     return f"{line1}\n{line2}"
 
 

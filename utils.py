@@ -97,8 +97,47 @@ def device_total_memory(device) -> Optional[int]:
 
 VRAM_LIMIT = 0.9  # weights above this share of the card leave too little for activations
 
-_RAM_ADVICE = ("Swap fewer blocks, use an fp8 or GGUF model, close other programs, or add swap space "
-               "(a larger page file on Windows).")
+_RAM_ADVICE = ("Set host_memory to auto or file (the blocks are then read from the model file), swap fewer "
+               "blocks, use an fp8 or GGUF model, close other programs, or add swap space (a larger page "
+               "file on Windows).")
+
+HOST_MEMORY_CHOICES = ("auto", "RAM", "file")
+GIB = 1 << 30
+RAM_HEADROOM_MIN = 2 * GIB  # auto keeps this much, or RAM_HEADROOM_SHARE of what is available, free
+RAM_HEADROOM_SHARE = 0.2
+
+
+def ram_headroom(available: int) -> int:
+    """RAM ``auto`` leaves free for the rest of the graph (text encoder, VAE, the OS): the larger of
+    2 GiB and a fifth of what is available."""
+    return max(RAM_HEADROOM_MIN, int(RAM_HEADROOM_SHARE * available))
+
+
+def choose_host_memory(choice: str, need: int, available: int) -> "tuple[str, str]":
+    """``(mode, why)``: where the host masters live for ``choice`` ("auto", "RAM", "file"), ``need``
+    bytes of host copies and ``available`` RAM for them. auto keeps them in RAM when they fit with
+    :func:`ram_headroom` to spare, and reads them from file otherwise. ``why`` is the readout's
+    short reason."""
+    if choice not in HOST_MEMORY_CHOICES:
+        raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice, "chosen"
+    if need + ram_headroom(available) <= available:
+        return "RAM", f"{short_bytes(need)} fits in {short_bytes(available)}"
+    return "file", f"RAM {short_bytes(available)} < {short_bytes(need + ram_headroom(available))}"
+
+
+def short_bytes(n: float) -> str:
+    """Bytes with three significant digits: ``512 B``, ``3.43 MiB``, ``336 MiB``, ``14.0 GiB``."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1000 or unit == "GiB":  # 1000, not 1024: "1010 MiB" would be a 4-digit figure
+            break
+        n /= 1024
+    if unit == "B":
+        return f"{n:.0f} B"
+    digits = 0 if abs(n) >= 100 else 1 if abs(n) >= 10 else 2
+    return f"{n:.{digits}f} {unit}"
 
 
 def host_ram_message(need: int, available: int, what: str = "this model") -> Optional[str]:
