@@ -33,7 +33,8 @@ class Probe(io.ComfyNode):
                     io.Combo.Input("kind", options=["a", "b"], default="a", tooltip="k"),
                     io.Combo.Input("files", options=["none", "x.gguf"], tooltip="f"),
                     io.Custom("ANY").Input("items", tooltip="i"),
-                    io.Combo.Input("later", options=["off", "on"], default="off", optional=True, tooltip="o")],
+                    io.Combo.Input("later", options=["off", "on"], default="off", optional=True, tooltip="o"),
+                    io.String.Input("folder", default="", optional=True, advanced=True, tooltip="s")],
             outputs=[io.Model.Output(tooltip="out"), io.Model.Output("second", tooltip="out 2"),
                      io.Custom("ANY").Output("listed", tooltip="out 3")],
             hidden=[io.Hidden.unique_id])

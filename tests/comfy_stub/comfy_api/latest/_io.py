@@ -148,6 +148,21 @@ class Int:
                 "display": self.display_mode.value if self.display_mode else None})
 
 
+@_comfytype("STRING")
+class String:
+    class Input(WidgetInput):
+        def __init__(self, id, display_name=None, optional=False, tooltip=None, lazy=None, multiline=False,
+                     placeholder=None, default=None, dynamic_prompts=None, socketless=None, force_input=None,
+                     extra_dict=None, raw_link=None, advanced=None):
+            super().__init__(id, display_name, optional, tooltip, lazy, default, socketless, None, force_input,
+                             extra_dict, raw_link, advanced)
+            self.multiline, self.placeholder, self.dynamic_prompts = multiline, placeholder, dynamic_prompts
+
+        def as_dict(self):
+            return super().as_dict() | prune_dict({"multiline": self.multiline, "placeholder": self.placeholder,
+                                                   "dynamicPrompts": self.dynamic_prompts})
+
+
 @_comfytype("COMBO")
 class Combo:
     class Input(WidgetInput):
