@@ -109,7 +109,7 @@ def one_load(loader: str, path: str) -> dict:
     elif loader == "ours-swap":  # WAN BlockSwap Model Loader: all but the first block packed into host masters
         from wan22_blockswap.callbacks import apply_block_swap
         from wan22_blockswap.config import SwapSettings
-        from wan22_blockswap.model_loader import load_wan_model
+        from wan22_blockswap.model_loader import Streamed, load_wan_model
 
         from wan22_blockswap.callbacks import plan_for
 
@@ -117,9 +117,10 @@ def one_load(loader: str, path: str) -> dict:
             def units(dm):
                 return plan_for(dm, SwapSettings(blocks_to_swap=len(dm.blocks) - 1))[2].units
 
-            patcher = load_wan_model(path, for_swap=True, host_groups=units)[0]
+            patcher = load_wan_model(path, for_swap=True, streamed=Streamed(units))[0]
             blocks = len(patcher.model.diffusion_model.blocks) - 1
-            return apply_block_swap(patcher, SwapSettings(blocks_to_swap=blocks), pack_masters=True)[0]
+            return apply_block_swap(patcher, SwapSettings(blocks_to_swap=blocks), pack_masters=True,
+                                    host_memory="RAM")[0]
     elif loader == "unetloader":
         import comfy.sd
 

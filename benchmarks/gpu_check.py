@@ -15,6 +15,8 @@ What it measures (a WAN 14B-shaped synthetic model: 14B block dimensions, ``--la
   (``--disable-dynamic-vram``), (c) Dynamic VRAM, plus (a) and (d) on that same model, each in a
   process of its own. Per row: forward time and ratio, H2D GB/s against the pinned link bandwidth
   measured here, D2H bytes, stalls, peak VRAM allocated/reserved, peak VRAM during load.
+* **masters on file** (``host_memory`` = file): (a) again with the blocks read from a safetensors file of
+  them, cold (page cache dropped) and warm.
 * **two experts** (WAN 2.2 A14B: two models on one shared ring) vs one: the forward after the switch.
 * **LoRA in the slot**: a rank-64 LoRA on every block matrix, applied in the slot from its factors
   copied with the block, bf16 and fp8, against the same swap without LoRA.
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -134,6 +137,36 @@ def lora_transform(rank: int, dtype):
                             w.add_(up @ down)
         return apply
     return make, factors
+
+
+def file_masters_rows(model, inputs, settings, args, device, bandwidth, out: Path) -> List[Dict]:
+    """(a) with host masters on file (``host_memory`` = file): the blocks saved to a safetensors file in
+    ``out`` and loaded back as views of it (as ComfyUI's loaders leave unconverted weights), then the same
+    swap as (a) read from that file, cold (its pages dropped from the page cache first) and warm. The
+    blocks get RAM copies back afterwards."""
+    from safetensors.torch import safe_open, save_file
+
+    path = out / "file_masters_blocks.safetensors"
+    blocks = {k: v.detach().cpu().contiguous() for k, v in model.blocks.state_dict().items()}
+    save_file(blocks, str(path))
+    del blocks
+    with safe_open(str(path), "pt") as f:
+        model.blocks.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, assign=True)
+    rows = []
+    for when in ("cold", "warm"):
+        if when == "cold" and hasattr(os, "posix_fadvise"):
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        row = bg.measure_swap(model, inputs, replace(settings, host_memory="file", spill_dir=str(out)), args.forwards,
+                              device, bandwidth=bandwidth)
+        row["mode"] = f"(a) block swap, masters on file ({when})"
+        rows.append(row)
+    for p in model.blocks.parameters():  # RAM copies again (the mapping is read-only; the fp8 rows rewrite weights)
+        p.data = p.data.clone()
+    path.unlink()
+    return rows
 
 
 def two_experts(config, dtype, device, inputs, settings, forwards) -> Dict:
@@ -371,6 +404,9 @@ def main(argv=None) -> int:
             r["mode"] = {"resident": "(d) resident", "block swap": "(a) block swap"}.get(r["mode"], r["mode"])
         rows += group
         if weights != "fp8":
+            for r in file_masters_rows(model, inputs, settings, args, device, env["pinned_gb_s"], out):
+                r.update(weights=weights, ratio=r["forward_ms"] / group[0]["forward_ms"])
+                rows.append(r)
             swap_row = group[1]
             weights_on_device = (plan["weights_bytes"] - swap_row["host_bytes"] + swap_row["ring_bytes"])
             report["budget"] = {"activation_estimate": plan["activation_estimate"], "planned_blocks": plan["blocks_to_swap"],

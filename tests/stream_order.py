@@ -16,6 +16,10 @@ Rules checked for every slot (a device buffer of the ring):
   (A) each use of a slot (a block's kernels, or the slot transform) follows the copy that filled the
       slot with that block's weights;
   (B) each copy into a slot follows every use of what the slot held before, and the previous copy.
+And for every staging buffer (host masters on file: units are read from their file into a pinned
+staging buffer, then copied from it into a slot):
+  (C) each host write into a staging buffer (a read from the file, recorded with :meth:`host_write`)
+      follows every copy out of that buffer issued before it: the host must have waited for them.
 """
 from __future__ import annotations
 
@@ -150,6 +154,10 @@ class RecordingRuntime:
         """Kernels of ``unit`` reading (or the slot transform writing) memory at ``ptr``."""
         self._issue("use", self._current, dst=ptr, unit=unit)
 
+    def host_write(self, unit: str, ptr: int) -> None:
+        """The host writes ``unit``'s bytes into host memory at ``ptr`` now (a read into staging)."""
+        self._issue("host_write", None, dst=ptr, unit=unit)
+
     # ------------------------------------------------------------------ bookkeeping
     def _issue(self, kind: str, stream: Optional[FakeStream], **kw) -> Op:
         index = len(self.ops)
@@ -178,12 +186,19 @@ class RecordingRuntime:
 
 
 class SabotagedRuntime(RecordingRuntime):
-    """Drops one kind of call the engine makes: ``"wait"`` (a stream does not wait for an event) or
-    ``"record"`` (an event is not recorded). The checker must then find a violation."""
+    """Drops one kind of call the engine makes: ``"wait"`` (a stream does not wait for an event),
+    ``"record"`` (an event is not recorded) or ``"host_wait"`` (the host does not wait for an event).
+    The checker must then find a violation."""
 
     def __init__(self, drop: str):
         super().__init__()
         self.drop = drop
+
+    def new_event(self, timing: bool = False) -> FakeEvent:
+        ev = super().new_event(timing)
+        if self.drop == "host_wait":
+            ev.synchronize = lambda: None
+        return ev
 
     def _wait(self, stream, event):
         if self.drop != "wait":
@@ -202,22 +217,42 @@ def happens_before(a: Op, b: Op) -> bool:
     return b.clock.get(a.stream.id, -1) >= a.index
 
 
-def check(rt: RecordingRuntime, slots: List[Tuple[int, int]], masters: Dict[int, str]) -> Dict[str, int]:
-    """Assert rules (A) and (B) (module doc) over the recorded log. ``slots``: (pointer, bytes) of every
-    slot buffer; ``masters``: host master pointer -> unit name. Returns counts of what was checked."""
+def check(rt: RecordingRuntime, slots: List[Tuple[int, int]], masters: Dict[int, str],
+          staging: List[Tuple[int, int]] = ()) -> Dict[str, int]:
+    """Assert rules (A), (B) and (C) (module doc) over the recorded log. ``slots``: (pointer, bytes) of
+    every slot buffer; ``masters``: host master pointer -> unit name; ``staging``: (pointer, bytes) of
+    every staging buffer, whose unit is the one last written into it. Returns counts of what was checked."""
 
     def slot_of(ptr: int) -> Optional[int]:
         return next((k for k, (lo, n) in enumerate(slots) if lo <= ptr < lo + n), None)
 
+    def staging_of(ptr: int) -> Optional[int]:
+        return next((k for k, (lo, n) in enumerate(staging) if lo <= ptr < lo + n), None)
+
     last_copy: Dict[int, Op] = {}
     uses_since: Dict[int, List[Op]] = {}
-    counts = {"copies": 0, "uses": 0}
+    staged: Dict[int, str] = {}  # staging buffer -> unit written into it last
+    copies_out: Dict[int, List[Op]] = {}  # staging buffer -> copies out of it
+    counts = {"copies": 0, "uses": 0, **({"host_writes": 0} if staging else {})}
     for op in rt.ops:
+        if op.kind == "host_write":
+            b = staging_of(op.dst)
+            if b is None:
+                continue
+            for cp in copies_out.get(b, []):
+                assert happens_before(cp, op), (f"(C) the read of {op.unit} into staging buffer {b} (op {op.index}) may "
+                                                f"overwrite it while the copy of {cp.unit} out of it (op {cp.index}) runs")
+            staged[b], copies_out[b] = op.unit, []
+            counts["host_writes"] += 1
+            continue
         if op.kind == "copy":
             k = slot_of(op.dst)
             if k is None:
                 continue  # not a slot (a test's own copy)
-            op.unit = masters.get(op.src, "?")
+            b = staging_of(op.src)
+            op.unit = staged.get(b, "?") if b is not None else masters.get(op.src, "?")
+            if b is not None:
+                copies_out[b].append(op)
             prev = last_copy.get(k)
             assert prev is None or happens_before(prev, op), f"(B) copy of {op.unit} into slot {k} may overtake the previous copy ({prev.unit})"
             for use in uses_since.get(k, []):

@@ -33,6 +33,9 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert swap["h2d_bytes_per_forward"] > 0 and swap["forwards"] == 1
     lora = rows[("block swap + rank-64 LoRA in the slot", "fp32")]
     assert lora["h2d_bytes_per_forward"] > swap["h2d_bytes_per_forward"]  # the factors travel with the blocks
+    for when in ("cold", "warm"):  # the same swap with the blocks read from a file of them
+        row = rows[(f"(a) block swap, masters on file ({when})", "fp32")]
+        assert row["host_bytes"] == 0 and row["h2d_bytes_per_forward"] == swap["h2d_bytes_per_forward"]
     assert report["experts"]["host_bytes_both"] > 0
     assert report["budget"]["activation_estimate"] > 0
     assert all("unavailable" in r for r in report["rows"] if "ComfyUI" in r["mode"] or r["mode"].startswith(("(b)", "(c)")))

@@ -19,6 +19,7 @@ from test_looper import SETTINGS
 from test_node import load, sample, swap
 
 GIB = 2**30
+RAM_SETTINGS = dict(SETTINGS, host_memory="RAM")  # the RAM check applies to masters in RAM
 
 
 @pytest.fixture(autouse=True)
@@ -45,14 +46,16 @@ def _blocks(patcher, indices):
 # --- host RAM ----------------------------------------------------------------------------------
 
 def test_ram_check_fails_before_anything_changes(monkeypatch):
+    """host_memory RAM: today's refusal (auto and file read from file instead: test_host_memory_nodes)."""
     model = load()
     reference = sample(model)
     before = _snapshot(model)
     _available(monkeypatch, 1000)  # less than one block: even an in-place repack cannot be done
     with pytest.raises(BlockSwapError, match=r"not enough host RAM for block swap: .* of this model need "
-                       r"[0-9.]+ KiB more RAM, but only 1000 B is available\. Swap fewer blocks, use an fp8 "
+                       r"[0-9.]+ KiB more RAM, but only 1000 B is available\. Set host_memory to auto or file "
+                       r"\(the blocks are then read from the model file\), swap fewer blocks, use an fp8 "
                        r"or GGUF model, close other programs, or add swap space"):
-        swap(model, 4)
+        swap(model, 4, host_memory="RAM")
     assert _snapshot(model) == before  # the input model is untouched
     assert model.model.diffusion_model not in _ENGINES  # no engine was made
     assert torch.equal(sample(model), reference)
@@ -64,10 +67,10 @@ def test_weights_already_in_host_ram_need_one_block_of_headroom(monkeypatch):
     model = load()
     block = stored_bytes(model.model.diffusion_model.blocks[7])
     _available(monkeypatch, block)
-    assert swap(model, 6) is not model
+    assert swap(model, 6, host_memory="RAM") is not model
     _available(monkeypatch, block - 1)
     with pytest.raises(BlockSwapError, match="not enough host RAM"):
-        swap(model, 6)
+        swap(model, 6, host_memory="RAM")
 
 
 def _off_host(seed):
@@ -82,17 +85,17 @@ def test_both_experts_are_summed_for_the_looper_models_node(monkeypatch):
     high, low = _off_host(0), _off_host(1)
     one = sum(stored_bytes(b) for b in _blocks(high, range(2, 8)))  # 6 streamed blocks
     _available(monkeypatch, one * 3 // 2)
-    assert swap(high, 6) is not high and swap(low, 6) is not low  # each alone fits
+    assert swap(high, 6, host_memory="RAM") is not high and swap(low, 6, host_memory="RAM") is not low  # each fits
     before = (_snapshot(high), _snapshot(low))
     with pytest.raises(BlockSwapError, match=rf"of the 2 models this node prepares need "
                        rf"{format_bytes(2 * one)} more RAM, but only {format_bytes(one * 3 // 2)}"):
-        WAN22BlockSwapLooperModels().apply(high, low, **SETTINGS)
+        WAN22BlockSwapLooperModels().apply(high, low, **RAM_SETTINGS)
     assert (_snapshot(high), _snapshot(low)) == before
     assert high.model.diffusion_model not in _ENGINES and low.model.diffusion_model not in _ENGINES
     with pytest.raises(BlockSwapError, match="of the 2 models this node prepares"):
-        WAN22BlockSwapSequencer().apply([(high, low, None), (high, None, None)] + [None] * 8, **SETTINGS)
+        WAN22BlockSwapSequencer().apply([(high, low, None), (high, None, None)] + [None] * 8, **RAM_SETTINGS)
     _available(monkeypatch, 2 * one)
-    ph, pl = WAN22BlockSwapLooperModels().apply(high, low, **SETTINGS)  # both fit: prepared
+    ph, pl = WAN22BlockSwapLooperModels().apply(high, low, **RAM_SETTINGS)  # both fit: prepared
     assert ph is not high and pl is not low
 
 
@@ -100,18 +103,19 @@ def test_clones_of_one_model_are_counted_once(monkeypatch):
     model = _off_host(0)
     one = sum(stored_bytes(b) for b in _blocks(model, range(2, 8)))
     _available(monkeypatch, one)
-    ph, pl = WAN22BlockSwapLooperModels().apply(model, model.clone(), **SETTINGS)  # same weights
+    ph, pl = WAN22BlockSwapLooperModels().apply(model, model.clone(), **RAM_SETTINGS)  # same weights
     assert ph is not pl
     _available(monkeypatch, one - 1)
     with pytest.raises(BlockSwapError, match="of this model need"):
-        WAN22BlockSwapLooperModels().apply(model, model.clone(), **SETTINGS)
+        WAN22BlockSwapLooperModels().apply(model, model.clone(), **RAM_SETTINGS)
 
 
 def test_ram_message_is_a_pure_function():
     assert host_ram_message(10, 10) is None
     msg = host_ram_message(30 * GIB, 12 * GIB, "the 2 models this node prepares")
     assert "need 30.00 GiB more RAM, but only 12.00 GiB is available" in msg
-    for advice in ("Swap fewer blocks", "fp8 or GGUF", "close other programs", "swap space"):
+    for advice in ("Set host_memory to auto or file", "swap fewer blocks", "fp8 or GGUF", "close other programs",
+                   "swap space"):
         assert advice in msg
 
 

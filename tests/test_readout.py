@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -134,7 +135,9 @@ def test_node_text_and_log_report_what_the_run_did(node_texts, caplog, trace_dir
     assert m and m.group(1) == m.group(2) == short_ms(copy_ms), lines[3]  # synchronous: all copy time stalls
     assert lines[4] == f"Host copies {short_bytes(4 * run.block)}"
     assert lines[5].startswith("Process RAM ")
-    assert lines[6:] == [f"Ring 2 x {short_bytes(run.block)}, synchronous copies", "Streams blocks 4-7"]
+    assert lines[6] == f"Ring 2 x {short_bytes(run.block)}, synchronous copies" and lines[8:] == ["Streams blocks 4-7"]
+    # where the host masters are and why: RAM (auto; a tiny model's copies fit), 4 blocks' bytes
+    assert re.fullmatch(rf"Masters: RAM \({re.escape(short_bytes(4 * run.block))} fits in [\d.]+ \wiB\)", lines[7]), lines[7]
     assert all(len(line) <= NODE_WIDTH for line in lines), text
     assert _traces(trace_dir) == []  # no trace without block_swap_debug
 
@@ -183,7 +186,10 @@ def test_debug_writes_per_unit_detail_and_a_json_trace(node_texts, caplog, trace
                              "ring_bytes": 2 * run.block, "shared_ring": False}
     assert trace["settings"] == {"blocks_to_swap": 4, "placement": "last", "prefetch_blocks": 1,
                                  "vace_blocks_to_swap": 0, "offload_txt_emb": False, "offload_img_emb": False,
-                                 "use_non_blocking": True, "pin_budget_bytes": None}
+                                 "use_non_blocking": True, "pin_budget_bytes": None, "host_memory": "RAM",
+                                 # the spill folder outside ComfyUI's temp folder (this fixture's folder_paths has
+                                 # none): the OS's temp folder
+                                 "spill_dir": tempfile.gettempdir()}
     summary = dict(trace["summary"])
     copy_ms = summary.pop("copy_ms")
     assert 0 < copy_ms <= run.wall_ms
@@ -191,7 +197,10 @@ def test_debug_writes_per_unit_detail_and_a_json_trace(node_texts, caplog, trace
                        "host_bytes": 4 * run.block, "pinned_bytes": 0, "h2d_bytes": run.h2d, "d2h_bytes": 0,
                        "setup_d2h_bytes": 0, "copies": run.copies, "prefetch_hits": run.copies - 2, "stalls": 1,
                        "slot_reuses": 0, "forwards": STEPS, "schedule_updates": 0, "max_bound_units": 1,
-                       "stall_ms": 0, "timings_dropped": 0, "pageable_reason": ""}
+                       "stall_ms": 0, "timings_dropped": 0, "pageable_reason": "",
+                       # masters in RAM: nothing read from files, no staging ring, nothing spilled
+                       "masters": "RAM", "spill_bytes": 0, "staging_bytes": 0, "read_bytes": 0, "read_ms": 0,
+                       "read_waits": 0, "read_wait_ms": 0}
     detail = {u.pop("unit"): u for u in trace["units"]}
     assert sorted(detail) == units
     assert sum(u.pop("copy_ms") for u in detail.values()) == pytest.approx(copy_ms, abs=0.01)

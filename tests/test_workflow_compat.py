@@ -53,7 +53,7 @@ def test_every_saved_node_id_is_still_registered():
 
 
 # Optional inputs added after the V1 graph was recorded (appended, so saved widget values keep their places)
-ADDED_SINCE_FIXTURE = {"dynamic_vram"}
+ADDED_SINCE_FIXTURE = {"dynamic_vram", "host_memory", "spill_folder"}
 
 
 @pytest.mark.parametrize("node_id", sorted(V1_GRAPH["object_info"]))
