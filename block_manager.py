@@ -104,6 +104,7 @@ class BlockSwapEngine:
         self._in_forward = False
         self._release_pending = False
         self._hooks: List = []
+        self._bracket = True
         self._is_setup = False
         self._packed = False  # host masters packed (pack_masters), maybe before the ring exists
         # Called as slot_transform(unit_name) right after a unit is bound to freshly copied slot
@@ -219,6 +220,50 @@ class BlockSwapEngine:
         self.tracker.host_bytes = self.tracker.pinned_bytes = 0
         self._is_setup = self._packed = False
 
+    def replan(self, plan: SwapPlan, unit_modules: Optional[Mapping[str, nn.Module]] = None, device=None) -> None:
+        """Stream the units of ``plan`` from now on (more blocks after an out-of-memory error, fewer or more
+        in adaptive mode), between forwards. Units both plans stream keep their host masters; new ones are
+        packed (checked first: a failure changes nothing); units ``plan`` drops get their own storage back,
+        on ``device`` (default: where they were). The ring, the staging ring and the learned order are made
+        for the new plan, and the slot transform's extras are packed again at its next installation: nothing
+        of the old plan is left over. The settings other than the counts must stay as they are."""
+        if self._in_forward or self._ring.bound:
+            raise RuntimeError("block swap: the plan can only change between forwards")
+        old = {u.name: u for u in self._units}
+        modules = dict(unit_modules or {})
+        model = self.model
+        units = [old.get(name) or _Unit(i, name, modules.get(name) or model.get_submodule(name))
+                 for i, name in enumerate(plan.units)]
+        added = [u for u in units if u.name not in old]
+        dropped = [u for u in self._units if u.name not in set(plan.units)]
+        self._sync()
+        if self._packed and added:
+            self._masters.pack_all(added)  # checks before it packs; restores what it packed if it fails
+        self._ring.unbind_all()
+        self._free_ring()
+        self._masters.restore(dropped, None if device is None else as_device(device), extras=True)
+        for i, u in enumerate(units):
+            u.index = i
+        self._units = self._ring.units = units
+        self._ring.count = plan.slots
+        if self._staging is not None:
+            self._staging.release()
+            self._staging.count = max(1, plan.slots)
+        self.plan, self.settings = plan, plan.settings
+        self._schedule = Schedule(len(units))
+        self._slot_tag = _REPACK
+        t = self.tracker
+        t.units, t.resident_blocks, t.slots = plan.units, plan.resident_blocks, plan.slots
+        t.location = {u.name: "host" for u in units if u.packed}
+        if self._hooks:  # per-instance hooks name the old units
+            self.detach_hooks()
+            self.attach_hooks(self._bracket)
+        if self._is_setup:
+            self._ring.alloc()
+        self._update_host_bytes()
+        log.info("block swap: plan changed to %d streamed units (%d added, %d dropped)", len(units), len(added),
+                 len(dropped))
+
     def release_ring(self) -> None:
         """Free the device ring but keep the host masters bound: the model stays usable on the host
         and a later :meth:`setup` only re-allocates the ring. Inside a forward (a garbage-collected
@@ -322,6 +367,7 @@ class BlockSwapEngine:
         ``bracket_forwards=False``: no hooks on the model itself, for callers whose forward does not
         go through ``model.forward``; the engine then finds forward boundaries on its own."""
         if not self._hooks:
+            self._bracket = bracket_forwards
             self._hooks = _module_hooks(self, self.model if bracket_forwards else None)
 
     def detach_hooks(self) -> None:
