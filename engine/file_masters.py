@@ -347,6 +347,11 @@ class SpillFile:
     def reserve(self, nbytes: int) -> Tuple[int, torch.Tensor]:
         """A new region of ``nbytes`` (zeros until written): its file offset, and the region mapped
         read-only (uint8, tagged as a slice of this file; it shows what :meth:`write_at` writes)."""
+        start = self._extend(nbytes)
+        return start, map_file(self.handle, start, nbytes)
+
+    def _extend(self, nbytes: int) -> int:
+        """Make room for a region of ``nbytes`` at the next mapping granule; its file offset."""
         handle = self._open()
         start = _round_up(self.size, _GRANULE)
         try:
@@ -354,7 +359,7 @@ class SpillFile:
         except OSError as e:
             raise self._failed(nbytes, e) from e
         self.size = start + nbytes
-        return start, map_file(handle, start, nbytes)
+        return start
 
     def write_at(self, offset: int, t: torch.Tensor) -> None:
         """Write ``t``'s bytes (contiguous) at ``offset`` of the file (inside a reserved region)."""
@@ -375,15 +380,14 @@ class SpillFile:
         """A region of ``nbytes`` holding ``tensors`` at ``offsets``: its file offset and its read-only
         mapping. On failure the file is cut back to where it was: no partial region is left."""
         before = self.size
-        start, region = self.reserve(nbytes)
+        start = self._extend(nbytes)
         try:
             for t, off in zip(tensors, offsets):
                 self.write_at(start + off, t)
         except SpillError:
-            del region
-            self.cut(before)
+            self.cut(before)  # nothing maps the region yet: it can go
             raise
-        return start, region
+        return start, map_file(self.handle, start, nbytes)
 
     def cut(self, size: int) -> None:
         """Drop everything after ``size`` bytes (regions whose mappings are gone)."""
