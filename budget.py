@@ -352,8 +352,10 @@ PRESETS: Dict[str, Preset] = {f"{gb} GB / {res}": Preset(gb, *_RESOLUTIONS[res])
                               for gb in (8, 12, 16, 24) for res in ("480p", "720p")}
 AUTO_480P = "auto (free VRAM, 480p)"
 AUTO_720P = "auto (free VRAM, 720p)"
-_AUTO = {AUTO_480P: _RESOLUTIONS["480p"], AUTO_720P: _RESOLUTIONS["720p"]}
-AUTO_CHOICES: Tuple[str, ...] = ("off", AUTO_480P, AUTO_720P, *PRESETS)
+# adaptive: starts where auto (480p) would, then follows each forward's measured peak (recovery.AdaptiveCount)
+ADAPTIVE = "adaptive"
+_AUTO = {AUTO_480P: _RESOLUTIONS["480p"], AUTO_720P: _RESOLUTIONS["720p"], ADAPTIVE: _RESOLUTIONS["480p"]}
+AUTO_CHOICES: Tuple[str, ...] = ("off", AUTO_480P, AUTO_720P, *PRESETS, ADAPTIVE)
 
 
 class Budget(NamedTuple):

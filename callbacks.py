@@ -46,6 +46,7 @@ Mechanism, and why it is this one:
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 import weakref
 from dataclasses import replace
@@ -62,6 +63,8 @@ from .engine.file_masters import SpillError
 from .preflight import modules_with_others, full_model_size, host_memory_mode, preflight, with_pin_budget
 from .preflight import pin_budget_left as _pin_budget_left
 from .readout import format_run_text, node_text, plan_lines, run_figures, run_trace
+from .recovery import (OOM_CHOICES, RETRY, AdaptiveCount, Change, OOMFailure, blocks_needed, grow_settings,
+                       run_with_recovery, streamable)
 from .utils import (__version__, as_device, format_bytes, get_logger, host_available_bytes, trace_directory,
                     validate_tensor_consistency, write_trace)
 
@@ -118,21 +121,52 @@ class SwapController:
     """
 
     def __init__(self, diffusion_model: nn.Module, plan: SwapPlan, *, debug: bool = False,
-                 node_id: Optional[str] = None, ring: Optional[SharedRing] = None):
-        self.plan = plan
+                 node_id: Optional[str] = None, ring: Optional[SharedRing] = None, on_oom: str = RETRY,
+                 memory=None):
         self.ring = ring  # device slots shared with the other models of a looper pipeline
         self.debug = debug
         self.node_id = node_id
         self._model_ref = weakref.ref(diffusion_model)
-        self.targets: Dict[str, nn.Module] = {n: unwrap(diffusion_model.get_submodule(n))
-                                               for n in plan.units}
-        self._index = {n: i for i, n in enumerate(plan.units)}
+        self._set_plan(plan)
         self._patcher_ref = None
+        self._node_patcher = None  # the node's own clone: later clones copy its object patches
         self._slot_patches: Dict[str, list] = {}  # unit -> patched keys, see _set_weight_patches
         self._attached: List[str] = []  # GGUF keys whose tensors carry our attached patches
+        # Out of memory: stream more and run the forward again (recovery.py), unless on_oom is "fail".
+        self.on_oom = on_oom
+        self.oom_at: Optional[int] = None  # the block count of the first out-of-memory error
+        self.changes: List[Change] = []  # every change of the plan, for the log, readout and trace
+        # vram_budget adaptive: the device's memory (budget, peaks) and the count that follows it
+        self.memory = memory
+        self.adaptive: Optional[AdaptiveCount] = None
         # the node readout's plan lines and warnings, shown again with every run's figures
-        self.readout_plan: List[str] = []
+        self.async_copies = False  # copies on a side stream from pinned memory (said on the node)
+        self.masters = ""  # where the host masters are and why ("file (RAM 6.10 GiB < 21.8 GiB)")
         self.readout_notes: List[str] = []
+
+    def _set_plan(self, plan: SwapPlan) -> None:
+        model = self._model_ref()
+        self.plan = plan
+        self.targets: Dict[str, nn.Module] = {n: unwrap(model.get_submodule(n)) for n in plan.units}
+        self._index = {n: i for i, n in enumerate(plan.units)}
+
+    @property
+    def readout_plan(self) -> List[str]:
+        """The node's plan lines for the plan in force: after a change, the first line says why."""
+        plan = self.plan
+        layout = plan.layout
+        if not plan.units:  # nothing streams (yet: an out-of-memory error would change that)
+            return [f"Block swap off: all {layout.num_blocks} blocks resident."]
+        lines = plan_lines(streamed_blocks=plan.block_indices, num_blocks=layout.num_blocks,
+                           vace_streamed=plan.vace_indices, num_vace_blocks=layout.num_vace_blocks,
+                           other_units=[u for u in plan.units if not u.startswith(("blocks.", "vace_blocks."))],
+                           slots=plan.slots, slot_bytes=self.ring_bytes() // max(1, plan.slots),
+                           async_copies=self.async_copies, masters=self.masters or None)
+        if self.changes:
+            note = (f"OOM at {self.oom_at}" if self.oom_at is not None and self.adaptive is None
+                    else f"adaptive, {len(self.changes)} change{'s' if len(self.changes) > 1 else ''}")
+            lines[0] += f" ({note})"
+        return lines
 
     # ------------------------------------------------------------------ installation
     def install(self, patcher) -> None:
@@ -140,8 +174,7 @@ class SwapController:
         which :func:`reset_model_blockswap_state` removed any earlier ones."""
         from comfy.patcher_extension import CallbacksMP, WrappersMP
 
-        for name, target in self.targets.items():
-            patcher.add_object_patch(f"diffusion_model.{name}", StreamedUnit(target, self, name))
+        self._install_units(patcher)
         for cb_type, fn in ((CallbacksMP.ON_PRE_RUN, self.on_pre_run),
                             (CallbacksMP.ON_CLEANUP, self.on_cleanup),
                             (CallbacksMP.ON_DETACH, self.on_detach)):
@@ -150,9 +183,23 @@ class SwapController:
         # Weights under this clone differ from other clones' (their streamed part lives elsewhere):
         # a fresh uuid makes ComfyUI unpatch another clone's weights before loading this one.
         patcher.patches_uuid = uuid.uuid4()
+        self._patcher_ref = self._node_patcher = weakref.ref(patcher)
+
+    def _install_units(self, patcher) -> None:
+        """``patcher``'s stand-ins for exactly the units of the plan in force, and its size (the resident
+        part plus the ring) to match."""
+        for key in [k for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)]:
+            if key[len("diffusion_model."):] not in self.targets:
+                del patcher.object_patches[key]
+        for name, target in self.targets.items():
+            key = f"diffusion_model.{name}"
+            if not isinstance(patcher.object_patches.get(key), StreamedUnit):
+                patcher.add_object_patch(key, StreamedUnit(target, self, name))
         streamed = sum(tensor_bytes(p) for t in self.targets.values() for p in t.parameters())
         patcher.size = max(0, full_model_size(patcher) - streamed) + self.ring_bytes()
-        self._patcher_ref = weakref.ref(patcher)
+
+    def _installed(self, patcher) -> set:
+        return {k[len("diffusion_model."):] for k, v in patcher.object_patches.items() if isinstance(v, StreamedUnit)}
 
     def ring_bytes(self) -> int:
         return self.plan.slots * max((packed_bytes(t) for t in self.targets.values()), default=0)
@@ -201,8 +248,7 @@ class SwapController:
         log.warning("block swap: %s; keeping the host masters in RAM instead (%s fit in %s)", err,
                     format_bytes(need), format_bytes(available))
         self.plan = replace(self.plan, settings=replace(self.plan.settings, host_memory="RAM"))
-        self.readout_plan = [line if not line.startswith("Masters:") else "Masters: RAM (spill failed)"
-                             for line in self.readout_plan]
+        self.masters = "RAM (spill failed)"
         self.readout_notes.append(f"Spill failed, masters in RAM: {err}")
         engine = _ENGINES.pop(self._model_ref(), None)
         if engine is not None:
@@ -218,8 +264,7 @@ class SwapController:
         offload = patcher.offload_device if patcher.offload_device.type == "cpu" else torch.device("cpu")
         engine = _ENGINES.get(model)
         mine = self.plan.settings
-        if engine is not None and (engine.plan.units != self.plan.units or engine.plan.slots != self.plan.slots
-                                   or engine.settings.use_non_blocking != mine.use_non_blocking
+        if engine is not None and (engine.settings.use_non_blocking != mine.use_non_blocking
                                    or engine.settings.host_memory != mine.host_memory
                                    or engine.settings.spill_dir != mine.spill_dir
                                    or engine.compute_device != as_device(device)):
@@ -227,6 +272,11 @@ class SwapController:
             # (cuda:0 -> cuda:1 must not keep a ring on the old GPU).
             engine.teardown(device=offload)
             engine = None
+        elif engine is not None and (engine.plan.units != self.plan.units or engine.plan.slots != self.plan.slots):
+            # another count (another node, or this one after an out-of-memory error): the masters both
+            # plans stream are kept, the others packed or given back
+            engine.replan(replace(self.plan, settings=replace(engine.settings, **_counts(mine))),
+                          unit_modules=self.targets, device=offload)
         if engine is None:
             engine = BlockSwapEngine(model, replace(self.plan, settings=with_pin_budget(self.plan.settings, _ENGINES, model)),
                                      device, offload, unit_modules=self.targets)
@@ -343,6 +393,10 @@ class SwapController:
             self._adjust_loaded(patcher, delta)
 
     def on_pre_run(self, patcher) -> None:
+        if self._installed(patcher) != set(self.plan.units):
+            # a clone made before the plan changed (more blocks after an out-of-memory error): ComfyUI
+            # loaded it with the old stand-ins; load it again with the plan in force
+            self._reload(patcher)
         self.prepare(patcher).reset_counters()
         if patcher.load_device.type == "cuda":  # the run summary's peak is this run's
             torch.cuda.reset_peak_memory_stats(patcher.load_device)
@@ -351,7 +405,7 @@ class SwapController:
         """The engine, prepared lazily when a forward comes without an ON_PRE_RUN before it
         (samplers that skip ``pre_run``) or after a detach released the ring."""
         engine = self.engine()
-        if engine is None or not engine.is_setup or engine.device_bytes == 0:
+        if engine is None or not engine.is_setup or (engine.device_bytes == 0 and engine.plan.slots):
             patcher = self._patcher()
             if patcher is None:
                 raise RuntimeError("block swap: no model patcher to prepare the engine with")
@@ -359,16 +413,82 @@ class SwapController:
         return engine
 
     def diffusion_model_wrapper(self, executor, *args, **kwargs):
-        engine = self.ready_engine()
-        engine.begin_forward()
-        try:
-            out = executor(*args, **kwargs)
-        finally:
-            engine.end_forward()
+        def forward():
+            engine = self.ready_engine()
+            if self.memory is not None:
+                self.memory.reset_peak()
+            engine.begin_forward()
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                engine.end_forward()
+
+        out = run_with_recovery(forward, self._stream_more, enabled=self.on_oom == RETRY)
+        if self.adaptive is not None:  # between forwards: the count the measured peak asks for
+            change = self.adaptive.after_forward(self.memory.peak())
+            if change is not None:
+                self._change_blocks(change.new, change.reason)
         if self.debug and args and isinstance(args[0], torch.Tensor):
             # metadata only (no device sync): a streamed block must not change dtype or device
             validate_tensor_consistency(args[0], out, "diffusion model output", attrs=("dtype", "device"))
         return out
+
+    # ------------------------------------------------------------------ out of memory, adaptive
+    def _stream_more(self, failure: OOMFailure) -> bool:
+        """After an out-of-memory error in a forward: stream as many more units as the failure asks for
+        (recovery.blocks_needed); False when everything already streams."""
+        settings, layout = self.plan.settings, self.plan.layout
+        now, every = streamable(settings, layout)
+        block = max((packed_bytes(unwrap(self._model_ref().get_submodule(f"blocks.{i}")))
+                     for i in self.plan.resident_blocks), default=0) or max(
+                         (packed_bytes(t) for t in self.targets.values()), default=0)
+        more = blocks_needed(failure, block, now, every)
+        if more == 0:
+            return False
+        if self.oom_at is None:
+            self.oom_at = len(self.plan.block_indices)
+        grown = grow_settings(settings, layout, more)
+        if self.adaptive is not None:
+            self.adaptive.after_oom(grown.blocks_to_swap - settings.blocks_to_swap)
+        self._replan(grown, f"out of memory with {len(self.plan.block_indices)} blocks streamed ({failure.describe()})")
+        return True
+
+    def _change_blocks(self, count: int, reason: str) -> None:
+        self._replan(replace(self.plan.settings, blocks_to_swap=count), reason)
+
+    def _replan(self, settings, reason: str) -> None:
+        """Stream what ``settings`` says from the next forward on: ComfyUI loads the model again with the
+        new stand-ins (its own unpatch and patch: LoRA, accounting and partial loading stay its own), the
+        engine keeps the masters both plans share, and the node says what changed and why."""
+        patcher = self._patcher()
+        if patcher is None:
+            raise RuntimeError("block swap: no model patcher to change the plan of")
+        old = self.plan
+        plan = plan_swap(old.layout, settings)
+        self.changes.append(Change(self._forwards(), len(old.block_indices), len(plan.block_indices), reason))
+        t0 = time.perf_counter()
+        self._set_plan(plan)
+        node = self._node_patcher() if self._node_patcher is not None else None
+        if node is not None and node is not patcher:  # later clones of the node's model copy these
+            self._install_units(node)
+        self._reload(patcher)
+        self.prepare(patcher)
+        log.warning("block swap: %d -> %d blocks streamed%s (%s); reloaded in %.2f s. The count stays with this "
+                    "model for later runs.", len(old.block_indices), len(plan.block_indices),
+                    f" + {len(plan.vace_indices)} VACE" if plan.vace_indices else "", reason, time.perf_counter() - t0)
+
+    def _reload(self, patcher) -> None:
+        """ComfyUI's own unload and load of ``patcher`` (weights restored, LoRA patched again, accounting
+        set), with its stand-ins made to match the plan in force in between."""
+        lowvram = bool(getattr(patcher.model, "model_lowvram", False))
+        budget = int(getattr(patcher.model, "model_loaded_weight_memory", 0)) if lowvram else 0
+        patcher.unpatch_model(device_to=patcher.offload_device, unpatch_weights=True)
+        self._install_units(patcher)
+        patcher.patch_model(device_to=patcher.load_device, lowvram_model_memory=budget, load_weights=True)
+
+    def _forwards(self) -> int:
+        engine = self.engine()
+        return engine.tracker.forwards if engine is not None else 0
 
     def run_unit(self, name: str, target: nn.Module, args, kwargs):
         engine = self.ready_engine()
@@ -441,6 +561,12 @@ def patched_weight(patcher, key: str, patches, device: torch.device) -> torch.Te
     if set_func is None:
         return comfy.float.stochastic_rounding(out, weight.dtype, seed=seed)
     return set_func(out, inplace_update=False, seed=seed, return_weight=True)
+
+
+def _counts(settings) -> dict:
+    """The settings that say what streams (an engine keeps its other settings, e.g. its pin budget)."""
+    return {k: getattr(settings, k) for k in ("blocks_to_swap", "vace_blocks_to_swap", "offload_txt_emb",
+                                              "offload_img_emb", "prefetch_blocks", "placement")}
 
 
 def reset_model_blockswap_state(patcher) -> None:
@@ -531,7 +657,7 @@ def plan_for(diffusion_model, settings):
 def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optional[str] = None,
                      ring: Optional[SharedRing] = None, pack_masters: bool = False, others: Sequence = (),
                      dynamic_vram: str = PASS_THROUGH, host_memory: str = "auto", spill_folder: str = "",
-                     masters_why: Optional[str] = None):
+                     masters_why: Optional[str] = None, on_oom: str = RETRY, memory=None):
     """The node's work: return a clone of ``patcher`` whose chosen units stream. Returns
     ``(model, text)`` with a description of what was done for the node's readout (the plan in short
     lines, then a line per pre-flight warning; the log gets the long form). ``pack_masters``: copy the
@@ -542,12 +668,17 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     the copies of this model and ``others`` fit with headroom, else file); ``masters_why``: the reason
     for a mode a multi-model node already chose with :func:`host_memory_for` (shown on the node).
     ``spill_folder``: where a model kept on file writes the bytes that are no file's ("": ComfyUI's
-    temp folder).
+    temp folder). ``on_oom``: :data:`recovery.OOM_CHOICES` (stream more and run the forward again after
+    a device out-of-memory error, or fail). ``memory``: a device-memory reporter (``budget()``,
+    ``reset_peak()``, ``peak()``: :class:`DeviceMemory`) for ``vram_budget`` = adaptive: the block count
+    then follows each forward's measured peak (recovery.AdaptiveCount).
 
     Raises :class:`BlockSwapError` before anything is changed (no clone, no engine) when the
     model cannot be swapped or the host RAM cannot hold the host copies (see :func:`preflight`)."""
     if dynamic_vram not in DYNAMIC_VRAM_CHOICES:
         raise BlockSwapError(f"dynamic_vram must be one of {', '.join(DYNAMIC_VRAM_CHOICES)}, got {dynamic_vram!r}")
+    if on_oom not in OOM_CHOICES:
+        raise BlockSwapError(f"on_oom must be one of {', '.join(OOM_CHOICES)}, got {on_oom!r}")
     dynamic_note = None
     if is_dynamic(patcher):
         if dynamic_vram == PASS_THROUGH:
@@ -578,26 +709,32 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
     clone = patcher.clone()
     reset_model_blockswap_state(clone)
     clone.size = full_model_size(clone)
-    if not plan.units:
+    if not plan.units and memory is None and on_oom != RETRY:
         text = f"Block swap off: all {layout.num_blocks} blocks resident."
         log.info("block swap: %s", text)
         return clone, "\n".join([text, *notes])
-    controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id, ring=ring)
+    # with nothing streamed yet the controller still watches: an out-of-memory error streams blocks then
+    controller = SwapController(diffusion_model, plan, debug=debug, node_id=node_id, ring=ring, on_oom=on_oom,
+                                memory=memory)
+    if memory is not None:
+        block = max((packed_bytes(t) for t in targets.values()), default=0)
+        controller.adaptive = AdaptiveCount(memory.budget(), memory.margin(), block, settings.blocks_to_swap,
+                                            layout.num_blocks)
     controller.install(clone)
+    controller.async_copies = settings.use_non_blocking and patcher.load_device.type == "cuda"
+    controller.masters = f"{mode} ({why})"
+    if not plan.units:
+        controller.readout_notes = list(notes)
+        text = f"Block swap off: all {layout.num_blocks} blocks resident; an out-of-memory error streams some."
+        log.info("block swap: %s", text)
+        return clone, "\n".join([*controller.readout_plan, *notes])
     text = (f"Block swap: {len(plan.block_indices)} of {layout.num_blocks} blocks streamed "
             f"({', '.join(map(str, plan.block_indices)) or 'none'})"
             + (f", {len(plan.vace_indices)} of {layout.num_vace_blocks} VACE blocks" if layout.num_vace_blocks else "")
-            + f"; ring {plan.slots} x {format_bytes(controller.ring_bytes() // plan.slots)}"
+            + f"; ring {plan.slots} x {format_bytes(controller.ring_bytes() // max(1, plan.slots))}"
             + ("; pinned async copies" if settings.use_non_blocking and patcher.load_device.type == "cuda"
                else "; synchronous copies"))
     log.info("%s", text)
-    # the node gets short lines (readout.py); the log line above has it all
-    controller.readout_plan = plan_lines(
-        streamed_blocks=plan.block_indices, num_blocks=layout.num_blocks, vace_streamed=plan.vace_indices,
-        num_vace_blocks=layout.num_vace_blocks,
-        other_units=[u for u in plan.units if not u.startswith(("blocks.", "vace_blocks."))],
-        slots=plan.slots, slot_bytes=controller.ring_bytes() // plan.slots,
-        async_copies=settings.use_non_blocking and patcher.load_device.type == "cuda", masters=f"{mode} ({why})")
     log.info("block swap: host masters in %s (%s)%s", mode, why,
              f"; spill folder {settings.spill_dir}" if mode == "file" else "")
     controller.readout_notes = list(notes)
@@ -606,6 +743,29 @@ def apply_block_swap(patcher, settings, *, debug: bool = False, node_id: Optiona
         # first run, so the next node (the other expert's loader) has that RAM.
         controller.pack_masters(clone)
     return clone, "\n".join([*controller.readout_plan, *controller.readout_notes])
+
+
+class DeviceMemory:
+    """What adaptive mode reads of the CUDA device: the memory this model may use (its ceiling: what was
+    allocated when the node ran plus the budget the planner used), and the peak of each forward. Tests
+    hand the controller a stand-in with the same methods."""
+
+    def __init__(self, device, budget: int):
+        self.device = torch.device(device)
+        self._ceiling = torch.cuda.memory_allocated(self.device) + int(budget)
+        self._margin = max(512 << 20, int(0.1 * budget))
+
+    def budget(self) -> int:
+        return self._ceiling
+
+    def margin(self) -> int:
+        return self._margin
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
 
 
 def default_spill_folder() -> str:

@@ -20,9 +20,10 @@ from here.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .callbacks import PASS_THROUGH
+from .recovery import RETRY
 from .config import SwapSettings
 from .engine.device_ring import SharedRing
 from .utils import get_logger
@@ -50,7 +51,8 @@ def masters_for(models, settings: SwapSettings, host_memory: str, dynamic_vram: 
 def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[SharedRing] = None,
                            prepared: Optional[Dict[int, Tuple[Any, Any, str]]] = None, debug: bool = False,
                            node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH,
-                           host_memory: str = "auto", masters_why: Optional[str] = None, spill_folder: str = ""):
+                           host_memory: str = "auto", masters_why: Optional[str] = None, spill_folder: str = "",
+                           on_oom: str = RETRY, memory=None):
     """A block-swap clone of ``model`` for reuse in every loop (``None`` stays ``None``).
 
     ``prepared`` maps ``id(model)`` to ``(model, clone, text)``: a model that appears in several
@@ -58,8 +60,9 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
     models in it together (none of them has run yet); the node shows the texts of all of them.
     ``ring`` shares device slots with the other models of the pipeline. ``note`` (e.g. the
     vram_budget choice) follows the plan in the node's text. ``dynamic_vram``, ``host_memory``,
-    ``masters_why``, ``spill_folder``: see :func:`callbacks.apply_block_swap` (:func:`masters_for` makes
-    one choice for all the models of a node).
+    ``masters_why``, ``spill_folder``, ``on_oom``, ``memory``: see :func:`callbacks.apply_block_swap`
+    (:func:`masters_for` makes one host-memory choice for all the models of a node; each model learns its
+    own block count after an out-of-memory error or in adaptive mode).
     """
     if model is None:
         return None
@@ -73,7 +76,7 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
     others = [entry[1] for entry in prepared.values()] if prepared else []
     clone, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, ring=ring, others=others,
                                    dynamic_vram=dynamic_vram, host_memory=host_memory, masters_why=masters_why,
-                                   spill_folder=spill_folder)
+                                   spill_folder=spill_folder, on_oom=on_oom, memory=memory)
     if debug:
         log.info("looper: %s", text)
     tail = [note] if note else []  # the plan comes first: the node shows its first lines
@@ -88,7 +91,8 @@ def prepare_model_for_loop(model, settings: SwapSettings, *, ring: Optional[Shar
 
 def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
                      node_id: Optional[str] = None, note: str = "", dynamic_vram: str = PASS_THROUGH,
-                     host_memory: str = "auto", spill_folder: str = "") -> List:
+                     host_memory: str = "auto", spill_folder: str = "", on_oom: str = RETRY,
+                     memory: Optional[Callable[[Any], Any]] = None) -> List:
     """WanVideoLoraSequencer's ``model_clip_sequence`` with every model prepared: same length, each
     entry ``(model_high | None, model_low | None, clip | None)`` (``None`` entries kept), clips passed
     through, each distinct model prepared once, all sharing one device ring and one host-memory
@@ -116,7 +120,7 @@ def prepare_sequence(sequence, settings: SwapSettings, *, debug: bool = False,
             continue
         high, low, clip = entry
         kw = dict(ring=ring, prepared=prepared, debug=debug, node_id=node_id, note=note, dynamic_vram=dynamic_vram,
-                  spill_folder=spill_folder, **masters)
-        out.append((prepare_model_for_loop(high, settings, **kw), prepare_model_for_loop(low, settings, **kw),
-                    clip))
+                  spill_folder=spill_folder, on_oom=on_oom, **masters)
+        out.append((prepare_model_for_loop(high, settings, memory=memory(high) if memory else None, **kw),
+                    prepare_model_for_loop(low, settings, memory=memory(low) if memory else None, **kw), clip))
     return out

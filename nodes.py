@@ -123,6 +123,23 @@ def host_memory_inputs() -> list:
     ]
 
 
+def on_oom_input() -> io.Combo.Input:
+    """What a device out-of-memory error in a forward does (optional and last: saved workflows without it
+    keep loading, with recovery on)."""
+    from .recovery import OOM_CHOICES, RETRY
+
+    return io.Combo.Input("on_oom", options=list(OOM_CHOICES), default=RETRY, optional=True, advanced=True, tooltip=
+        "swap more and retry: when the GPU runs out of memory in a forward, stream as many more blocks as the "
+        "failure shows are needed and run that forward again (same output); the count that worked stays for "
+        "later runs and is shown on the node. fail: the error stops the run, as without this node.")
+
+
+def on_oom(swap: dict) -> str:
+    from .recovery import RETRY
+
+    return swap.get("on_oom") or RETRY
+
+
 def host_memory(swap: dict) -> str:
     """The node's host_memory choice (absent in workflows saved before it existed)."""
     return swap.get("host_memory") or "auto"
@@ -167,6 +184,21 @@ def apply_budget(patcher, settings, choice: str):
                 "swapped (see the log)")
         log.warning("block swap: %s", result.explanation)
     return replace(settings, blocks_to_swap=result.blocks_to_swap), text
+
+
+def adaptive_memory(patcher, choice: str):
+    """vram_budget adaptive: what the controller reads of the device (the budget the planner used, each
+    forward's peak); None for every other choice. Made per model (each expert learns its own count)."""
+    from .budget import ADAPTIVE
+
+    if choice != ADAPTIVE or patcher is None:
+        return None
+    from .callbacks import DeviceMemory
+
+    free = free_device_bytes(patcher)
+    if free is None:
+        raise ValueError("vram_budget 'adaptive' needs a CUDA device; pick a card preset or set blocks_to_swap")
+    return DeviceMemory(patcher.load_device, free)
 
 
 def budget_for_first_model(items, settings, choice: str):
@@ -227,7 +259,7 @@ class WAN22BlockSwap(io.ComfyNode):
                 "Keeps the chosen WAN 2.1/2.2 transformer blocks in RAM and streams them to the GPU as they "
                 "run: 14B models on 8-16 GB cards, same output."),
             inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *swap_inputs(), budget_input(), dynamic_vram_input(),
-                    *host_memory_inputs()],
+                    *host_memory_inputs(), on_oom_input()],
             outputs=[io.Model.Output(tooltip="A clone of the model whose chosen blocks stream from host RAM. "
                                              "The input model and its other clones are unchanged.")],
             hidden=[io.Hidden.unique_id])
@@ -243,7 +275,8 @@ class WAN22BlockSwap(io.ComfyNode):
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = apply_budget(model, settings, vram_budget)
         out, text = apply_block_swap(model, settings, debug=debug, node_id=node_id, dynamic_vram=dynamic_vram(swap),
-                                     host_memory=host_memory(swap), spill_folder=spill_folder(swap))
+                                     host_memory=host_memory(swap), spill_folder=spill_folder(swap),
+                                     on_oom=on_oom(swap), memory=adaptive_memory(model, vram_budget))
         send_node_text(node_id, f"{text}\n{why}" if why else text)
         return (out,)
 
@@ -260,7 +293,8 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
                 "set of GPU slots."),
             inputs=[io.Model.Input("model_high", tooltip="WAN 2.2 high-noise expert (early steps)."),
                     io.Model.Input("model_low", tooltip="WAN 2.2 low-noise expert (late steps)."),
-                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs(),
+                    on_oom_input()],
             outputs=[io.Model.Output("model_high",
                                      tooltip="The high-noise expert, ready for WanVideoLooper's model_high."),
                      io.Model.Output("model_low",
@@ -281,10 +315,10 @@ class WAN22BlockSwapLooperModels(io.ComfyNode):
         # the experts have the same architecture and take turns on the GPU: one plan serves both
         settings, why = apply_budget(model_high, settings, vram_budget)
         kw = dict(ring=SharedRing(), prepared={}, debug=debug, node_id=node_id, note=why,
-                  dynamic_vram=dynamic_vram(swap), spill_folder=spill_folder(swap),
+                  dynamic_vram=dynamic_vram(swap), spill_folder=spill_folder(swap), on_oom=on_oom(swap),
                   **masters_for([model_high, model_low], settings, host_memory(swap), dynamic_vram(swap)))
-        return (prepare_model_for_loop(model_high, settings, **kw),
-                prepare_model_for_loop(model_low, settings, **kw))
+        return (prepare_model_for_loop(model_high, settings, memory=adaptive_memory(model_high, vram_budget), **kw),
+                prepare_model_for_loop(model_low, settings, memory=adaptive_memory(model_low, vram_budget), **kw))
 
 
 class WAN22BlockSwapSequencer(io.ComfyNode):
@@ -299,7 +333,8 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
                 "of GPU slots."),
             inputs=[ANY.Input("model_clip_sequence", tooltip=
                         "WanVideoLoraSequencer's output: a list of (model_high, model_low, clip) per segment."),
-                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs(),
+                    on_oom_input()],
             outputs=[ANY.Output("model_clip_sequence", tooltip=
                         "The same list of (model_high, model_low, clip) segments with prepared models; "
                         "connect it to WanVideoLooper's model_clip_sequence.")],
@@ -318,7 +353,8 @@ class WAN22BlockSwapSequencer(io.ComfyNode):
         settings, why = budget_for_first_model(model_clip_sequence, settings, vram_budget)
         return (prepare_sequence(model_clip_sequence, settings, debug=debug, node_id=node_id, note=why,
                                  dynamic_vram=dynamic_vram(swap), host_memory=host_memory(swap),
-                                 spill_folder=spill_folder(swap)),)
+                                 spill_folder=spill_folder(swap), on_oom=on_oom(swap),
+                                 memory=lambda m: adaptive_memory(m, vram_budget)),)
 
 
 class _LoopAware(io.ComfyNode):
@@ -336,7 +372,8 @@ class _LoopAware(io.ComfyNode):
             description=cls.DESCRIPTION_TEXT,
             inputs=[ANY.Input("models_list", tooltip=
                         "A list of MODELs, or WanVideoLoraSequencer's list of (model_high, model_low, clip)."),
-                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs()],
+                    *swap_inputs(), budget_input(), dynamic_vram_input(), *host_memory_inputs(),
+                    on_oom_input()],
             outputs=[ANY.Output("prepared_models", tooltip="The input list with prepared models, same shape.")],
             hidden=[io.Hidden.unique_id], is_deprecated=cls.DEPRECATED_ID)
 
@@ -350,16 +387,15 @@ class _LoopAware(io.ComfyNode):
 
         settings, debug, node_id = parse_swap(swap, unique_id)
         settings, why = budget_for_first_model(models_list, settings, vram_budget)
+        kw = dict(debug=debug, node_id=node_id, note=why, dynamic_vram=dynamic_vram(swap),
+                  host_memory=host_memory(swap), spill_folder=spill_folder(swap), on_oom=on_oom(swap),
+                  memory=lambda m: adaptive_memory(m, vram_budget))
         if isinstance(models_list, (list, tuple)) and models_list and all(
                 e is None or is_model(e) for e in models_list):
             # a plain list of models: treat each as a segment's high expert, then unwrap
-            seq = prepare_sequence([(m, None, None) for m in models_list], settings, debug=debug, node_id=node_id,
-                                   note=why, dynamic_vram=dynamic_vram(swap), host_memory=host_memory(swap),
-                                   spill_folder=spill_folder(swap))
+            seq = prepare_sequence([(m, None, None) for m in models_list], settings, **kw)
             return ([e[0] for e in seq],)
-        return (prepare_sequence(models_list, settings, debug=debug, node_id=node_id, note=why,
-                                 dynamic_vram=dynamic_vram(swap), host_memory=host_memory(swap),
-                                 spill_folder=spill_folder(swap)),)
+        return (prepare_sequence(models_list, settings, **kw),)
 
 
 class WAN22BlockSwapLooper(_LoopAware):
@@ -475,7 +511,7 @@ class WAN22BlockSwapLoader(io.ComfyNode):
             description=(
                 "Loads a WAN 2.1/2.2 model with block swap: the streamed blocks go from the file to RAM and "
                 "never touch the GPU."),
-            inputs=[*loader_inputs(), *swap_inputs(), budget_input(), *host_memory_inputs()],
+            inputs=[*loader_inputs(), *swap_inputs(), budget_input(), *host_memory_inputs(), on_oom_input()],
             outputs=[io.Model.Output(tooltip="The WAN model with the chosen blocks streaming from host RAM.")],
             hidden=[io.Hidden.unique_id])
 
@@ -515,10 +551,12 @@ class WAN22BlockSwapLoader(io.ComfyNode):
         try:
             patcher, info, _text = _load(model_type, safetensors_model, gguf_model, streamed=streamed, **load)
         except SpillError as err:  # the spill folder failed: host copies in RAM where they fit
+            failure = err
+
             def in_ram(need: int) -> str:
                 if need > host_available_bytes():
-                    raise err
-                log.warning("block swap: %s; loading with the host masters in RAM instead", err)
+                    raise failure
+                log.warning("block swap: %s; loading with the host masters in RAM instead", failure)
                 masters["host_memory"], masters["masters_why"] = "RAM", "spill failed"
                 return "RAM"
 
@@ -526,7 +564,8 @@ class WAN22BlockSwapLoader(io.ComfyNode):
                                          streamed=Streamed(streamed_units, in_ram, folder), **load)
         settings, why = apply_budget(patcher, settings, vram_budget)
         out, swap_text = apply_block_swap(patcher, settings, debug=debug, node_id=node_id, pack_masters=True,
-                                          spill_folder=folder, **masters)
+                                          spill_folder=folder, on_oom=on_oom(swap),
+                                          memory=adaptive_memory(patcher, vram_budget), **masters)
         loaded = loaded_text(info, safetensors_model if model_type == "safetensors" else gguf_model)
         send_node_text(node_id, "\n".join(t for t in (swap_text, why, loaded) if t))
         return (out,)
