@@ -17,6 +17,9 @@ What it measures (a WAN 14B-shaped synthetic model: 14B block dimensions, ``--la
   measured here, D2H bytes, stalls, peak VRAM allocated/reserved, peak VRAM during load.
 * **masters on file** (``host_memory`` = file): (a) again with the blocks read from a safetensors file of
   them, cold (page cache dropped) and warm.
+* **out-of-memory recovery**: (a) started with a count too low for the cap (its weights fit, its
+  activations do not), recovered by streaming more: the count reached next to the planner's, and the
+  seconds the recovery cost.
 * **two experts** (WAN 2.2 A14B: two models on one shared ring) vs one: the forward after the switch.
 * **LoRA in the slot**: a rank-64 LoRA on every block matrix, applied in the slot from its factors
   copied with the block, bf16 and fp8, against the same swap without LoRA.
@@ -169,6 +172,79 @@ def file_masters_rows(model, inputs, settings, args, device, bandwidth, out: Pat
     return rows
 
 
+def oom_recovery_row(model, inputs, args, device, plan: Dict, cap: int) -> Dict:
+    """A deliberately low ``blocks_to_swap`` at a size that does not fit the cap, recovered by streaming
+    more (recovery.py, as the nodes do after an out-of-memory error): the count reached against the one
+    the planner picks, and what the recovery cost. On CUDA the cap is enforced
+    (``set_per_process_memory_fraction``); the low count is the fewest blocks with which the weights
+    alone fit, so the forward's activations are what does not. A dry run injects one out-of-memory error
+    (CUDA's message) into the first forward instead, to run the same code."""
+    from wan22_blockswap.config import plan_swap
+    from wan22_blockswap.recovery import blocks_needed, grow_settings, run_with_recovery, streamable
+
+    cuda = device.type == "cuda"
+    sizes = [sum(tensor_bytes(p) for p in b.parameters()) for b in model.blocks]
+    weights = sum(tensor_bytes(p) for p in model.parameters())
+    start = next((n for n in range(len(sizes) + 1)
+                  if weights - sum(sizes[len(sizes) - n:]) + 2 * max(sizes) <= 0.9 * cap), len(sizes))
+    if not cuda:
+        start = 1
+    settings = SwapSettings(blocks_to_swap=start, prefetch_blocks=1)
+    engine = BlockSwapEngine.from_settings(model, settings, device).setup()
+    place_resident(model, engine.plan, device)
+    layout, retries = engine.plan.layout, []
+    injected = []
+    hook = None
+    if not cuda:
+        def inject(module, args_):
+            if not injected:
+                injected.append(1)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 MiB. GPU 0 has a total "
+                                             "capacity of 1.00 GiB of which 0 bytes is free.")
+        hook = model.blocks[0].register_forward_pre_hook(inject)
+
+    def forward():
+        with torch.inference_mode():
+            return model(**inputs)
+
+    def grow(failure) -> bool:
+        now, every = streamable(engine.settings, layout)
+        block = max((sizes[i] for i in engine.plan.resident_blocks), default=max(sizes))
+        more = blocks_needed(failure, block, now, every)
+        if not more:
+            return False
+        engine.replan(plan_swap(layout, grow_settings(engine.settings, layout, more)))
+        if cuda:
+            torch.cuda.empty_cache()
+        retries.append({"failure": failure.describe(), "blocks": len(engine.plan.block_indices)})
+        return True
+
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else 0
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    try:
+        t0 = time.perf_counter()
+        run_with_recovery(forward, grow)
+        if cuda:
+            torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        ms = bg.timed_forwards(model, inputs, args.forwards, device)
+    finally:
+        if cuda:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        if hook is not None:
+            hook.remove()
+        reached = len(engine.plan.block_indices)
+        engine.teardown(device="cpu")
+        model.blocks.to("cpu")
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"mode": "(a) block swap from a count that does not fit, recovered", "start_blocks": start,
+            "blocks_swapped": reached, "planned_blocks": plan["blocks_to_swap"], "retries": retries,
+            "first_forward_s": round(first, 3), "recovery_s": round(first - ms / 1e3, 3) if retries else 0.0,
+            "forward_ms": ms}
+
+
 def two_experts(config, dtype, device, inputs, settings, forwards) -> Dict:
     """High/low-noise experts on one shared ring: steady forward of one vs the first after a switch."""
     a, b = bg.build_model(config, dtype, device), bg.build_model(config, dtype, device)
@@ -313,6 +389,12 @@ def markdown(report: Dict) -> str:
                   f"after the switch {_fmt(e['first_forward_after_switch_ms'])} ms vs {_fmt(e['second_expert_steady_ms'])} ms "
                   f"steady ({_fmt(e['switch_overhead_ms'])} ms switch cost); host copies of both "
                   f"{_fmt(e['host_bytes_both'], 'bytes')}."]
+    o = report.get("oom_recovery")
+    if o:
+        lines += ["", f"Out-of-memory recovery: started at {o['start_blocks']} blocks, reached {o['blocks_swapped']} "
+                  f"after {len(o['retries'])} recover{'y' if len(o['retries']) == 1 else 'ies'} (the planner picks "
+                  f"{o['planned_blocks']}); the recovery cost {_fmt(o['recovery_s'])} s, then "
+                  f"{_fmt(o['forward_ms'])} ms/forward."]
     b = report.get("budget", {})
     if b:
         lines += ["", f"vram_budget: activation estimate {_fmt(b['activation_estimate'], 'bytes')}, measured "
@@ -413,6 +495,8 @@ def main(argv=None) -> int:
                                 "explanation": plan["explanation"],
                                 "activation_measured": (swap_row["peak_allocated"] - weights_on_device)
                                 if swap_row.get("peak_allocated") is not None else None}
+    report["oom_recovery"] = oom_recovery_row(model, inputs, args, device, plan, cap)
+    log.info("OOM recovery: %s", report["oom_recovery"])
     del model
     report["experts"] = two_experts(config, dtype, device, inputs,
                                     SwapSettings(blocks_to_swap=max(1, plan["blocks_to_swap"]), prefetch_blocks=1),

@@ -154,7 +154,8 @@ def test_presets_and_choices():
     names = ["8 GB / 480p", "8 GB / 720p", "12 GB / 480p", "12 GB / 720p",
              "16 GB / 480p", "16 GB / 720p", "24 GB / 480p", "24 GB / 720p"]
     assert list(B.PRESETS) == names
-    assert B.AUTO_CHOICES == ("off", "auto (free VRAM, 480p)", "auto (free VRAM, 720p)", *names)
+    assert B.AUTO_CHOICES == ("off", "auto (free VRAM, 480p)", "auto (free VRAM, 720p)", *names, "adaptive")
+    assert B.resolve_budget("adaptive", 5 * GiB) == (5 * GiB, 832, 480, 81)  # starts where auto (480p) would
     assert B.PRESETS["12 GB / 720p"] == B.Preset(12, 1280, 720, 81)
     assert B.PRESETS["8 GB / 480p"] == B.Preset(8, 832, 480, 81)
     assert B.resolve_budget("16 GB / 480p", None) == (16 * GiB - B.PRESET_UNUSABLE_BYTES, 832, 480, 81)

@@ -19,20 +19,15 @@ loaders, which read nothing of a streamed block into RAM, the bound also holds f
 the prompt runs (``/proc/<pid>/status`` read every 5 ms; the other graphs' loaders copy the whole file
 first, which is their own business).
 """
-import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_comfyui_real import HELPERS, ROOT, _latent, _link, _req, _run, wait_until_serving
+from test_comfyui_real import _latent, _req, _run, start_server
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout"),
@@ -112,29 +107,12 @@ def _write_models(models: Path) -> dict:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
-    _link(comfy, ROOT, "wan22_blockswap")
-    _link(comfy, HELPERS, "test_helpers")
-    probe = comfy / "custom_nodes" / "wan22bs_test_ram"
-    probe.mkdir(exist_ok=True)
-    (probe / "__init__.py").write_text(PROBE)
     models = comfy / "models" / "diffusion_models"
     models.mkdir(parents=True, exist_ok=True)
     sizes = _write_models(models)
-    out = tmp_path_factory.mktemp("comfy_out_hm")
-    log = out / "server.log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS: RSS means it
-    proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                             "--disable-auto-launch", "--output-directory", str(out)],
-                            cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    text = wait_until_serving(proc, base, log)
-    assert "IMPORT FAILED" not in text, text[-3000:]
-    yield {"base": base, "out": out, "log": log, "pid": proc.pid, "sizes": sizes, "spill": tmp_path_factory.mktemp("spill")}
-    proc.terminate()
-    proc.wait(timeout=30)
+    for s in start_server(tmp_path_factory.mktemp("comfy_out_hm"), {"wan22bs_test_ram": PROBE}, env):
+        yield dict(s, sizes=sizes, spill=tmp_path_factory.mktemp("spill"))
 
 
 def _swap_inputs(n, host_memory):

@@ -88,28 +88,37 @@ def wait_until_serving(proc, base: str, log: Path, timeout: float = 180) -> str:
             time.sleep(0.5)  # the server's own start-up: there is no event to wait on
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def start_server(out: Path, packs=None, env=None):
+    """A ComfyUI server on --cpu with this pack and the test helpers linked, the tiny models, looper
+    assets and the generated test packs written (``packs``: folder name -> its __init__.py source),
+    serving on a free port. Yields the server's figures; stops it afterwards."""
     comfy = Path(os.environ["COMFYUI_PATH"]).resolve()
     assert HELPERS.is_dir(), f"missing {HELPERS}"
     _link(comfy, ROOT, "wan22_blockswap")
     _link(comfy, HELPERS, "test_helpers")
     _write_assets(comfy)
     _write_looper_assets(comfy)
-    out = tmp_path_factory.mktemp("comfy_out")
+    for name, source in (packs or {}).items():
+        (comfy / "custom_nodes" / name).mkdir(exist_ok=True)
+        (comfy / "custom_nodes" / name / "__init__.py").write_text(source)
     log = out / "server.log"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                              "--disable-auto-launch", "--output-directory", str(out)],
-                            cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            cwd=comfy, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     text = wait_until_serving(proc, base, log)
     assert "IMPORT FAILED" not in text, text[-3000:]
     yield {"base": base, "out": out, "log": log, "pid": proc.pid}
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from start_server(tmp_path_factory.mktemp("comfy_out"))
 
 
 def _run(server, prompt):

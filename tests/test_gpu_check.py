@@ -36,6 +36,8 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     for when in ("cold", "warm"):  # the same swap with the blocks read from a file of them
         row = rows[(f"(a) block swap, masters on file ({when})", "fp32")]
         assert row["host_bytes"] == 0 and row["h2d_bytes_per_forward"] == swap["h2d_bytes_per_forward"]
+    oom = report["oom_recovery"]  # one injected out-of-memory error, recovered with more blocks
+    assert len(oom["retries"]) == 1 and oom["blocks_swapped"] > oom["start_blocks"] == 1
     assert report["experts"]["host_bytes_both"] > 0
     assert report["budget"]["activation_estimate"] > 0
     assert all("unavailable" in r for r in report["rows"] if "ComfyUI" in r["mode"] or r["mode"].startswith(("(b)", "(c)")))

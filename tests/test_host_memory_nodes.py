@@ -23,7 +23,7 @@ from wan22_blockswap.config import BlockSwapError, SwapSettings
 from wan22_blockswap.engine.file_masters import TAG, SliceFinder
 from wan22_blockswap.engine.host_masters import _page_span
 from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, WAN22BlockSwapLoader, WAN22BlockSwapLooperModels, WANModelLoader
-from test_loader import LOADER_ARGS, SWAP_ARGS, model_dir, tiny_sd, write_gguf, write_st  # noqa: F401
+from test_loader import LOADER_ARGS, SWAP_ARGS, model_dir, tiny_sd, write_gguf, write_st  # noqa: F401,F811 (a fixture)
 from test_node import load, sample, swap, with_lora
 
 GIB = 1 << 30
@@ -70,12 +70,13 @@ def _from_file(engine):
     return True
 
 
-def test_host_memory_inputs_are_optional_advanced_and_last_on_every_swap_node():
+def test_host_memory_inputs_are_optional_advanced_and_appended_on_every_swap_node():
     for node_id in ("wan22BlockSwap", "wan22BlockSwapLooperModels", "wan22BlockSwapSequencer",
                     "WAN22BlockSwapLooper", "wan22BlockSwapLooper", "WAN22BlockSwapLoader"):
         types = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
         optional = list(types["optional"])
-        assert optional[-2:] == ["host_memory", "spill_folder"], node_id
+        assert optional[optional.index("host_memory"):][:2] == ["host_memory", "spill_folder"], node_id
+        assert optional.index("host_memory") > optional.index("vram_budget"), node_id  # appended, after older ones
         kind, opts = types["optional"]["host_memory"]
         assert kind == "COMBO" and list(opts["options"]) == ["auto", "RAM", "file"] and opts["default"] == "auto"
         assert opts["advanced"] and opts["tooltip"]

@@ -146,7 +146,10 @@ def test_reapplying_the_node_replaces_instead_of_stacking():
     units = sorted(k for k, v in twice.object_patches.items() if isinstance(v, StreamedUnit))
     assert units == [f"diffusion_model.blocks.{i}" for i in (5, 6, 7)]
     assert torch.equal(sample(twice), sample(model))
-    off = swap(twice, 0)
+    off = swap(twice, 0)  # nothing streams; the node still watches for out-of-memory errors (on_oom)
+    assert not any(isinstance(v, StreamedUnit) for v in off.object_patches.values())
+    assert len(off.get_callbacks(CallbacksMP.ON_PRE_RUN, KEY)) == 1
+    off = swap(twice, 0, on_oom="fail")  # and with on_oom fail, 0 is plain off
     assert not any(isinstance(v, StreamedUnit) for v in off.object_patches.values())
     assert off.get_callbacks(CallbacksMP.ON_PRE_RUN, KEY) == []
 

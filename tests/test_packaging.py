@@ -277,7 +277,7 @@ def test_one_naming_scheme_and_search_aliases():
 
 RARELY_CHANGED = {"offload_txt_emb", "offload_img_emb", "use_non_blocking", "vace_blocks_to_swap", "dynamic_vram",
                   "prefetch_blocks", "block_swap_debug", "wan_version", "model_variant", "weight_dtype", "host_memory",
-                  "spill_folder"}
+                  "spill_folder", "on_oom"}
 
 
 def test_rarely_changed_inputs_are_advanced():
