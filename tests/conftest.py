@@ -1,4 +1,5 @@
 """Shared fixtures: the pack imported as a package, tiny WAN models in both layouts."""
+import gc
 import os
 import sys
 from pathlib import Path
@@ -107,3 +108,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for line in _SUMMARY_LINES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def unload_models_after():
+    """After the test, ComfyUI unloads every model and dropped ones are collected (modules that load models
+    use it for every test: ``pytestmark = pytest.mark.usefixtures("unload_models_after")``)."""
+    yield
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    gc.collect()

@@ -1,9 +1,7 @@
 """The vram_budget input of the swap nodes (the planner itself: test_budget.py)."""
-import gc
 
 import pytest
 
-import comfy.model_management as mm
 
 from wan22_blockswap.budget import AUTO_CHOICES, auto_blocks_for
 from wan22_blockswap.nodes import NODE_CLASS_MAPPINGS, WAN22BlockSwap
@@ -14,11 +12,7 @@ SWAP_ARGS = dict(offload_txt_emb=False, offload_img_emb=False, use_non_blocking=
                  prefetch_blocks=1, block_swap_debug=False)
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def test_budget_input_is_optional_on_every_swap_node():

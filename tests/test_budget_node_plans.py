@@ -7,11 +7,9 @@ the model's block shapes, its other weights, the documented activation estimate 
 chosen number of streamed blocks: the node must stream exactly the last that many, one more when the budget is one byte
 smaller, every block (with a warning) when nothing fits. Stand-in and real ComfyUI (COMFYUI_PATH).
 """
-import gc
 
 import pytest
 
-import comfy.model_management as mm
 
 from wan22_blockswap import nodes
 from wan22_blockswap.budget import AUTO_480P, DEFAULT_RESERVE
@@ -23,11 +21,7 @@ ARGS = dict(offload_txt_emb=False, offload_img_emb=False, use_non_blocking=True,
             block_swap_debug=False)
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def budget_for(patcher, streamed: int, prefetch: int) -> int:

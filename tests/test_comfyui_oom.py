@@ -14,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from test_comfyui_real import (_latent, _looper_graph, _looper_models, _moe_graph, _images, _run, _swap, start_server,
+from test_comfyui_real import (_latent, _looper_graph, _moe_graph, _images, _run, _swap, start_server,
                                wan_looper)  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.comfyui,

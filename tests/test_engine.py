@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from wan22_blockswap.block_manager import BlockSwapEngine, place_resident
+from wan22_blockswap.block_manager import BlockSwapEngine
 from wan22_blockswap.config import BlockSwapError, SwapSettings
 from wan22_blockswap.utils import host_rss_bytes
 from conftest import comfy_layout_model, denoise, diffusers_layout_model, run_model

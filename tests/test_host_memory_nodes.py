@@ -29,11 +29,7 @@ from test_node import load, sample, swap, with_lora
 GIB = 1 << 30
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def _report_ram(monkeypatch, nbytes):

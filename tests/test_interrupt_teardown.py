@@ -9,7 +9,6 @@ between two streamed ones (the slots are full of prefetched copies). ComfyUI's i
 BaseException: module hooks with ``always_call`` skip it, so the engine-level test also covers a unit
 that the interrupt really leaves bound. Stand-in and real ComfyUI (COMFYUI_PATH).
 """
-import gc
 
 import pytest
 import torch
@@ -23,11 +22,7 @@ from conftest import comfy_layout_model, denoise
 from test_node import load, sample, swap
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def _span(t):

@@ -17,12 +17,10 @@ there whether it is right or wrong. Here, with the last 39 of 40 blocks streamed
 
 Stand-in and real ComfyUI (COMFYUI_PATH).
 """
-import gc
 
 import pytest
 import torch
 
-import comfy.model_management as mm
 
 from wan22_blockswap import tiny_wan
 from wan22_blockswap.block_manager import BlockSwapEngine
@@ -38,11 +36,7 @@ LAYERS = 40
 ALIGN = 256  # the alignment of each tensor in a host copy and a slot (host_masters.ALIGN)
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def packed(module):

@@ -4,7 +4,6 @@ Runs against the stand-in in tests/comfy_stub by default and against a real Comf
 COMFYUI_PATH is set (see conftest.py): the same assertions hold in both. Files are tiny WAN models
 written on the spot (safetensors with the safetensors package, GGUF with gguf-py).
 """
-import gc
 import math
 
 import pytest
@@ -51,11 +50,7 @@ def forward(patcher, seed=0, frames=2):
         return dm(x, torch.tensor([500.0]), ctx)
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ The driver reproduces WanVideoLooper's call pattern: the same two patchers every
 sampler call (steps 0..k, leftover noise kept) then a low-noise call (k..end), another model loaded
 between loops, the loop's output feeding the next loop.
 """
-import gc
 
 import pytest
 import torch
@@ -26,11 +25,7 @@ SETTINGS = dict(blocks_to_swap=6, offload_txt_emb=False, offload_img_emb=False, 
 STEPS, SWITCH = 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def _conds(seed):

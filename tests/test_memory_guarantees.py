@@ -13,7 +13,6 @@ import weakref
 import pytest
 import torch
 
-import comfy.model_management as mm
 
 from conftest import comfy_layout_model
 from wan22_blockswap.block_manager import BlockSwapEngine, packed_bytes
@@ -23,11 +22,7 @@ from wan22_blockswap.utils import format_bytes
 from test_node import load, sample, swap
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def _everything_the_swap_holds(patcher):

@@ -63,11 +63,7 @@ def with_lora(model, strength=1.0, keys=("blocks.7.ffn.0.weight", "blocks.1.self
     return clone
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

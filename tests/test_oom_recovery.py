@@ -8,7 +8,6 @@ injected figures and the blocks' sizes, by the rule the README states.
 
 Runs on the stand-in by default and on a real ComfyUI with COMFYUI_PATH, like test_node.py.
 """
-import gc
 import logging
 import math
 
@@ -26,11 +25,7 @@ from test_node import load, sample, swap, with_lora
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def controller_of(patcher):

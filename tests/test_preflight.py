@@ -1,6 +1,5 @@
 """Pre-flight checks at node apply time: host RAM for every prepared model, ComfyUI's pin cap, the
 90 % VRAM rule. RAM and VRAM figures are injected; nothing large is allocated."""
-import gc
 import math
 import re
 
@@ -22,11 +21,7 @@ GIB = 2**30
 RAM_SETTINGS = dict(SETTINGS, host_memory="RAM")  # the RAM check applies to masters in RAM
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def _available(monkeypatch, nbytes):

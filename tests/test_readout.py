@@ -11,7 +11,6 @@ block once per forward, the first once more: it is fetched when needed at the st
 for a next forward at the end), so F*n + 1 copies, 1 stall and F*n - 1 prefetch hits; times are
 bounded by the run's own wall-clock time, memory by the test's own reading of /proc.
 """
-import gc
 import json
 import os
 import re
@@ -24,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import comfy.model_management as mm
 
 from wan22_blockswap import callbacks
 from wan22_blockswap.callbacks import _ENGINES
@@ -39,11 +37,7 @@ VERSION = re.search(r'^version = "([^"]+)"', (Path(__file__).resolve().parents[1
                     re.M).group(1)
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 @pytest.fixture

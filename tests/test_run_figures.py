@@ -14,7 +14,6 @@ Runs of different lengths one after another (3 steps, then 1, then 2 after an un
 WanVideoLooper's pattern), each checked in the log, on the node and in the debug trace. Stand-in and
 real ComfyUI (COMFYUI_PATH).
 """
-import gc
 import json
 
 import pytest
@@ -34,11 +33,7 @@ from test_node import load, sample, swap
 ALIGN = 256  # the host copy's alignment of each tensor (host_masters.ALIGN)
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 @pytest.fixture

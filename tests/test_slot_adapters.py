@@ -6,12 +6,10 @@ shared by every clone of a patcher (``clone()`` copies the lists, not the adapte
 edited in place would make every other clone, the model without swap and a later run compute with
 slot memory that another block has since overwritten. Stand-in and real ComfyUI (COMFYUI_PATH).
 """
-import gc
 
 import pytest
 import torch
 
-import comfy.model_management as mm
 
 from test_node import load, sample, swap
 
@@ -28,11 +26,7 @@ def _lora_adapter(up, down, alpha):
     return LoRAAdapter(set(), (up, down, alpha, None, None, None))
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def test_adapters_are_untouched_and_clones_sharing_them_stay_correct():

@@ -6,24 +6,18 @@ every streamed block records where its weight is when it runs: the address must 
 engine's slots and outside every host master. Runs on the stand-in and on a real ComfyUI
 (COMFYUI_PATH), through the node (plain and GGUF-like quantized weights) and the BlockSwap loader.
 """
-import gc
 
 import pytest
 import torch
 from torch import nn
 
-import comfy.model_management as mm
 
 from gguf_like import to_gguf_like
 from wan22_blockswap.callbacks import _ENGINES
 from test_node import load, sample, swap
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 def _spans(tensors):

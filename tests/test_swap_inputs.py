@@ -25,14 +25,12 @@ Two settings per node, so every boolean takes both values and the two embedding 
 pipeline nodes get a VACE model and an i2v model (each input has a model it acts on); WAN BlockSwap
 gets each in its own run. Stand-in and real ComfyUI (COMFYUI_PATH).
 """
-import gc
 import json
 import types
 
 import pytest
 import torch
 
-import comfy.model_management as mm
 import comfy.sample
 import folder_paths
 from comfy_api.latest import io
@@ -59,11 +57,7 @@ SETTINGS = {
 NODE_ID = "41"
 
 
-@pytest.fixture(autouse=True)
-def _unload_between_tests():
-    yield
-    mm.unload_all_models()
-    gc.collect()
+pytestmark = pytest.mark.usefixtures("unload_models_after")  # conftest.py
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from comfy_api.latest import ComfyExtension, io
