@@ -18,6 +18,7 @@ from torch import nn
 # with this reason, and test_quantized.py's test_comfy_kitchen_is_installed fails in the default tier.
 try:
     from comfy_kitchen.tensor import QuantizedTensor
+    from comfy_kitchen.tensor import base as ck_base
     CK_MISSING = None
 except ImportError as err:  # a broken or missing wheel: say which, never drop the layouts silently
     QuantizedTensor = None
@@ -119,6 +120,10 @@ def quantize(w: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "own_int8":
         return ScaledInt8Tensor.from_float(w)
     name, kwargs = CK_LAYOUTS[layout]
+    if layout == "fp8_e5m2" and "TensorCoreFP8E5M2Layout" in ck_base.LAYOUTS:
+        # in a process that imported ComfyUI's quant_ops, "TensorCoreFP8Layout" is ComfyUI's E4M3 class
+        # (no dtype argument) and E5M2 has a class of its own
+        name, kwargs = "TensorCoreFP8E5M2Layout", {}
     return QuantizedTensor.from_float(w, name, **kwargs)
 
 

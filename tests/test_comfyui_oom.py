@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.comfyui,
 
 INJECT = '''
 import torch
+from comfy.patcher_extension import WrappersMP
 
 
 def _controller(model):
@@ -52,8 +53,22 @@ class Wan22bsInjectOOM:
         size = sum((p.numel() * p.element_size() + 255) // 256 * 256 for p in real.parameters())
         asked = int(lacking_blocks * size)
 
+        # The hook sits on the block module, which every clone of the loaded model shares (a branch of
+        # the graph without swap too): it fires only inside a forward of the model this node returns.
+        model = model.clone()
+        armed = []
+
+        def arm(executor, *args, **kwargs):
+            armed.append(True)
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                armed.pop()
+
+        model.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, "wan22bs_test_oom", arm)
+
         def hook(module, args):
-            if len(controller.plan.block_indices) < below:
+            if armed and len(controller.plan.block_indices) < below:
                 raise torch.OutOfMemoryError(
                     f"CUDA out of memory. Tried to allocate {asked / 2 ** 20:.2f} MiB. GPU 0 has a total capacity of "
                     "8.00 GiB of which 0 bytes is free.")
@@ -97,13 +112,18 @@ def test_ksampler_recovers_and_matches_a_run_started_at_that_count(server):
     assert torch.equal(_latent(server, f"{tag}_oom"), plain)
 
 
+def _inject_high(graph, consumer, input_name):
+    """Injects OOM into the high-noise expert only (after Looper Models), feeding ``consumer``'s input."""
+    graph["inject_high"] = {"class_type": "Wan22bsInjectOOM",
+                            "inputs": {"model": ["looper_prep", 0], "block": 1, "below": _reached(3, 2.0),
+                                       "lacking_blocks": 2.0}}
+    graph[consumer]["inputs"][input_name] = ["inject_high", 0]
+
+
 def test_two_experts_with_ksampler_advanced_recover_each_on_its_own(server):
     tag = f"moeoom{uuid.uuid4().hex[:6]}"
     g = _moe_graph(tag, {"plain": "plain", "looper": ("looper", 3)})
-    # inject into the high-noise expert only, after Looper Models: its KSamplerAdvanced fails first
-    g["inject_high"] = {"class_type": "Wan22bsInjectOOM", "inputs": {"model": ["looper_prep", 0], "block": 1,
-                                                                      "below": _reached(3, 2.0), "lacking_blocks": 2.0}}
-    g["looper_ks_high"]["inputs"]["model"] = ["inject_high", 0]
+    _inject_high(g, "looper_ks_high", "model")  # its KSamplerAdvanced fails first
     start = len(server["log"].read_text())
     _run(server, g)
     log = server["log"].read_text()[start:]
@@ -114,9 +134,7 @@ def test_two_experts_with_ksampler_advanced_recover_each_on_its_own(server):
 def test_wan_video_looper_recovers_once_and_keeps_the_count_for_every_loop(server, wan_looper):
     tag = f"wvloom{uuid.uuid4().hex[:6]}"
     g = _looper_graph(tag, {"plain": "plain", "looper": ("looper", 3)})
-    g["inject_high"] = {"class_type": "Wan22bsInjectOOM", "inputs": {"model": ["looper_prep", 0], "block": 1,
-                                                                      "below": _reached(3, 2.0), "lacking_blocks": 2.0}}
-    g["looper_looper"]["inputs"]["model_high"] = ["inject_high", 0]
+    _inject_high(g, "looper_looper", "model_high")
     start = len(server["log"].read_text())
     _run(server, g)
     log = server["log"].read_text()[start:]

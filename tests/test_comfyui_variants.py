@@ -186,8 +186,10 @@ def _fresh(inputs):
 
 def run_forwards(patcher, variant, inputs):
     """Two forwards of the loaded diffusion model: (with the sampler's options, bare), or for CausalWan
-    two AR chunks sharing one KV cache, as ComfyUI's AR sampler runs them."""
+    two AR chunks sharing one KV cache, as ComfyUI's AR sampler runs them. Loaded and begun as a
+    sampler begins a run (load, then ``pre_run``: a run's figures start there)."""
     mm.load_models_gpu([patcher])
+    patcher.pre_run()
     dm = patcher.model.diffusion_model
     if variant == "causal_wan":
         kw = _fresh(inputs)
