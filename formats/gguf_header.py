@@ -229,12 +229,7 @@ def _walk(c: _Cursor) -> GGUFLayout:
     keys = set()
     elements = 0
     for i in range(n_kv):
-        where = f"key-value pair {i + 1} of {n_kv}"
-        key = c.string(f"{where}, key", decode=True)
-        where = f"{where} ({key!r})"
-        if key in keys:
-            raise c.fail(where, "the key appears twice")
-        keys.add(key)
+        key, where = _unique_name(c, f"key-value pair {i + 1} of {n_kv}", "key", keys, "the key appears twice")
         vtype = c.u32(f"{where}, value type")
         if key == "general.alignment":
             if vtype != 4:
@@ -253,12 +248,8 @@ def _walk(c: _Cursor) -> GGUFLayout:
     infos: List[Tuple[str, int, str, Tuple[int, ...], int, int]] = []
     names = set()
     for i in range(n_tensors):
-        where = f"tensor info {i + 1} of {n_tensors}"
-        name = c.string(f"{where}, name", decode=True)
-        where = f"{where} ({name!r})"
-        if name in names:
-            raise c.fail(where, "two tensors have this name")
-        names.add(name)
+        name, where = _unique_name(c, f"tensor info {i + 1} of {n_tensors}", "name", names,
+                                   "two tensors have this name")
         n_dims = c.u32(f"{where}, dimension count")
         if n_dims > MAX_DIMS:
             raise c.fail(where, f"{n_dims} dimensions; gguf-py reads tensors of at most {MAX_DIMS} "
@@ -298,6 +289,17 @@ def _walk(c: _Cursor) -> GGUFLayout:
         tensors.append(GGUFTensorInfo(name, type_id, type_name, dims, data_start + offset, nbytes))
         expected = offset + _pad(nbytes, alignment)
     return GGUFLayout(version, alignment, data_start, c.size, n_kv, tuple(tensors))
+
+
+def _unique_name(c: _Cursor, where: str, field: str, seen: set, twice: str) -> Tuple[str, str]:
+    """Read the string that names a key or a tensor; refuse one seen before. Returns it and ``where``
+    with the name added, for the messages about what follows it."""
+    name = c.string(f"{where}, {field}", decode=True)
+    where = f"{where} ({name!r})"
+    if name in seen:
+        raise c.fail(where, twice)
+    seen.add(name)
+    return name, where
 
 
 def _skip_value(c: _Cursor, vtype: int, where: str) -> int:
