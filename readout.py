@@ -204,11 +204,11 @@ def run_trace(controller, engine, patcher, pack_version: str) -> dict:
                  "shared_ring": engine.shared_ring is not None},
         "settings": asdict(engine.settings),
         # changes of the streamed count: after out-of-memory errors, or adaptive mode's moves
-        "plan_changes": [asdict(c) for c in getattr(controller, "changes", [])],
-        "oom_at": getattr(controller, "oom_at", None),
+        "plan_changes": [asdict(c) for c in controller.changes],
+        "oom_at": controller.oom_at,
         "adaptive": ({"ceiling": controller.adaptive.ceiling, "margin": controller.adaptive.margin,
                       "floor": controller.adaptive.floor, "count": controller.adaptive.count}
-                     if getattr(controller, "adaptive", None) is not None else None),
+                     if controller.adaptive is not None else None),
         "summary": t.summary(),
         "units": units,
         "memory": run_figures(engine, device)["memory"],

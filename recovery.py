@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -147,7 +147,6 @@ class AdaptiveCount:
         self.ceiling, self.margin = ceiling, margin  # the peak may reach ceiling - margin
         self.block_bytes, self.count, self.total = max(1, block_bytes), count, total
         self.floor = 0  # the fewest blocks known not to be too few
-        self.changes: List[Change] = []
         self.forwards = 0
 
     @property
@@ -179,7 +178,6 @@ class AdaptiveCount:
         if new == self.count:
             return None
         change = Change(self.forwards, self.count, new, why)
-        self.changes.append(change)
         self.count = new
         return change
 
