@@ -327,7 +327,7 @@ def _destination(path: str, entries: List[TensorEntry], streamed: Optional[Strea
         return HostArenas(unit_of, group_bytes, unchanged) if ram_arenas else None
     spill = SpillFile(streamed.spill_folder)
     if converted:
-        spill.check_space(converted + len(group_bytes) * (1 << 16))
+        spill.check_space(converted, len(group_bytes))
     return FileTargets(path, unit_of, group_bytes, unchanged, spill)
 
 

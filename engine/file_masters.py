@@ -46,6 +46,7 @@ TAG = "_wan22bs_file"  # storage attribute: (FileHandle, file offset of the stor
 SPILL_PREFIX = "wan22bs-spill-"  # spill file names: wan22bs-spill-<pid>-<hex>.bin
 _SPILL_NAME = re.compile(r"^wan22bs-spill-(\d+)-[0-9a-f]{8,32}\.bin$")
 _GRANULE = mmap.ALLOCATIONGRANULARITY  # a mapping starts at a multiple of it (4 KiB Linux, 64 KiB Windows)
+REGION_PAD = 1 << 16  # the most a spill region's start at a granule can pad it by (any OS)
 
 
 class FileReadError(BlockSwapError):
@@ -329,10 +330,12 @@ class SpillFile:
                 weakref.finalize(self, _remove_quietly, f, path)
         return self.handle
 
-    def check_space(self, nbytes: int) -> None:
-        """Refuse early, naming the folder, when it has less free space than ``nbytes`` needs."""
+    def check_space(self, nbytes: int, regions: int) -> None:
+        """Refuse early, naming the folder, when it has less free space than ``nbytes`` written in up to
+        ``regions`` regions need (each region starts at a mapping granule: :data:`REGION_PAD` more each)."""
         import shutil
 
+        nbytes += regions * REGION_PAD
         try:
             os.makedirs(self.folder, exist_ok=True)
             free = shutil.disk_usage(self.folder).free

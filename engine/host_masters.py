@@ -392,7 +392,7 @@ class HostMasters:
         need = sum(part.nbytes for u in units for e in u.entries
                    for part, leaf in zip(e.parts, _leaves(e)) if finder.find(leaf) is None)
         if need:
-            self.spill.check_space(need + sum(_GRANULE_PAD for _ in units))
+            self.spill.check_space(need, len(units))
 
     def repack(self, units: Sequence[_Unit], before) -> None:
         """Pack again units whose parameters something else moved or replaced: checked first, then
@@ -567,7 +567,6 @@ class HostMasters:
             self.unpin_master(u)
             u.master, u.host_views, u.bound = None, [], False
 
-
     def _restore_on_file(self, u: _Unit, device: Optional[torch.device]) -> None:
         """A unit kept on file keeps its mapped views (giving it RAM copies would undo the reason it
         is on file); only a device other than the host gets copies."""
@@ -600,9 +599,6 @@ def _leaves(e: _Entry) -> List[torch.Tensor]:
     """The plain tensors holding ``e``'s bytes now (a plain parameter's ``.data``: a GGUF tensor's raw
     bytes), one per part."""
     return [e.param.data] if e.wrapper is None else [t for _, t in leaf_tensors(e.param)]
-
-
-_GRANULE_PAD = 1 << 16  # a spill region starts at a mapping granule: up to 64 KiB of padding each
 
 
 def unit_params(u: _Unit) -> List[Tuple[torch.Tensor, List[Tuple[nn.Module, str]]]]:
