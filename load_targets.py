@@ -16,7 +16,7 @@ level because it joins the two wings, which may not import each other.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,8 @@ __all__ = ["HostArenas", "FileTargets"]
 class HostArenas(Destination):
     """Per-unit host buffers the engine adopts as its RAM masters (module docstring)."""
 
+    _BUFFER = "buffer"  # what a unit's space is called in the log
+
     def __init__(self, group_of: Callable[[str], Optional[str]], group_bytes: Dict[str, int],
                  unchanged: Callable[[TensorEntry], bool]):
         self.group_of, self.group_bytes, self._unchanged = group_of, group_bytes, unchanged
@@ -43,27 +45,34 @@ class HostArenas(Destination):
     def unchanged(self, e: TensorEntry) -> bool:
         return self.group_of(e.key) is not None and self._unchanged(e)
 
-    def _alloc(self, nbytes: int) -> torch.Tensor:
-        return host_arena(nbytes)
+    def _alloc(self, group: str) -> torch.Tensor:
+        return host_arena(self.group_bytes[group])
 
-    def reserve(self, key: str, n: int) -> Optional[torch.Tensor]:
-        """The next ``n`` bytes of ``key``'s unit buffer, or None (no unit, or no room left)."""
+    def _next(self, key: str, n: int) -> Optional[Tuple[str, int]]:
+        """``key``'s unit and where its next ``n`` bytes go in that unit's buffer, or None (no unit, or
+        no room left)."""
         group = self.group_of(key)
         if group is None:
             return None
         if group not in self.buffers:
-            self.buffers[group], self.used[group] = self._alloc(self.group_bytes[group]), 0
+            self.buffers[group], self.used[group] = self._alloc(group), 0
         off = self.used[group]
         if off + n > self.buffers[group].numel():  # a size estimate was wrong: keep the tensor as it is
-            log.warning("loader: %s does not fit its unit's buffer %r; it stays separate", key, group)
+            log.warning("loader: %s does not fit its unit's %s %r; it stays in RAM on its own", key, self._BUFFER,
+                        group)
             return None
         self.used[group] = off + arena_offset(n)
-        return self.buffers[group][off:off + n]
+        return group, off
+
+    def reserve(self, key: str, n: int) -> Optional[torch.Tensor]:
+        """The next ``n`` bytes of ``key``'s unit buffer, or None (no unit, or no room left)."""
+        found = self._next(key, n)
+        return None if found is None else self.buffers[found[0]][found[1]:found[1] + n]
 
     def place(self, key: str, t: torch.Tensor, direct: bool) -> torch.Tensor:
         if direct:  # read into its buffer already
             return t
-        raw = t.as_subclass(torch.Tensor) if isinstance(t, GGUFTensor) else t
+        raw = _plain(t)
         dst = self.reserve(key, torch.Tensor.numel(raw) * raw.element_size())
         if dst is None:
             return t
@@ -74,6 +83,8 @@ class HostArenas(Destination):
 class FileTargets(HostArenas):
     """Streamed units kept on file (module docstring): unchanged tensors view the model file,
     converted ones go to ``spill`` (one region per unit, sized like its host master)."""
+
+    _BUFFER = "spill region"
 
     def __init__(self, path: str, group_of, group_bytes, unchanged, spill: SpillFile):
         super().__init__(group_of, group_bytes, unchanged)
@@ -93,22 +104,26 @@ class FileTargets(HostArenas):
     def reserve(self, key: str, n: int) -> Optional[torch.Tensor]:
         return None  # what is not mapped is converted first, then placed
 
+    def _alloc(self, group: str) -> torch.Tensor:
+        self._region_start[group], region = self.spill.reserve(self.group_bytes[group])
+        return region
+
     def place(self, key: str, t: torch.Tensor, direct: bool) -> torch.Tensor:
-        group = self.group_of(key)
-        if direct or group is None:  # a view of the model file, or a resident tensor
+        if direct:  # a view of the model file
             return t
-        if group not in self.buffers:
-            self._region_start[group], self.buffers[group] = self.spill.reserve(self.group_bytes[group])
-            self.used[group] = 0
-        raw = t.as_subclass(torch.Tensor) if isinstance(t, GGUFTensor) else t
+        raw = _plain(t)
         n = torch.Tensor.numel(raw) * raw.element_size()
-        off = self.used[group]
-        if off + n > self.buffers[group].numel():  # a size estimate was wrong: keep the tensor as it is
-            log.warning("loader: %s does not fit its unit's spill region %r; it stays in RAM", key, group)
+        found = self._next(key, n)
+        if found is None:  # a resident tensor, or one that does not fit
             return t
-        self.used[group] = off + arena_offset(n)
+        group, off = found
         self.spill.write_at(self._region_start[group] + off, raw.contiguous())
         return _like(self.buffers[group][off:off + n], t)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a plain tensor (a GGUF tensor's stored bytes)."""
+    return t.as_subclass(torch.Tensor) if isinstance(t, GGUFTensor) else t
 
 
 def _like(dst: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
