@@ -776,7 +776,7 @@ def default_spill_folder() -> str:
     try:
         import folder_paths  # ComfyUI's module
         return os.path.join(folder_paths.get_temp_directory(), "wan22_blockswap")
-    except Exception:  # noqa: BLE001 - ImportError, or a folder_paths without that function
+    except (ImportError, AttributeError):  # outside ComfyUI, or a folder_paths without that function
         return tempfile.gettempdir()
 
 
