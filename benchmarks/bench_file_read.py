@@ -44,11 +44,14 @@ log = logging.getLogger("wan22_blockswap.bench_file_read")
 CHUNK = 64 << 20
 
 
-def _drop_cache(path: str) -> bool:
+def drop_page_cache(path) -> bool:
+    """Drop ``path``'s pages from the page cache (Linux), written out first: a file written just now has
+    dirty pages, which DONTNEED keeps. False where the OS has no such call (then reads may be warm)."""
     if not hasattr(os, "posix_fadvise"):
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
@@ -99,7 +102,7 @@ def read_throughput(mib: int, rounds: int, folder: Path) -> dict:
     cold_ok = True
     for _ in range(rounds):
         for kind, fn, nbytes in (("plain", plain, size), ("engine", engine_reads, unit_bytes)):
-            cold_ok &= _drop_cache(str(path))
+            cold_ok &= drop_page_cache(path)
             for when in ("cold", "warm"):
                 t0 = time.perf_counter()
                 got = fn()

@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import bench_gpu as bg  # noqa: E402  (it imports the pack)
+from bench_file_read import drop_page_cache  # noqa: E402
 
 from wan22_blockswap.block_manager import BlockSwapEngine, SharedRing, place_resident  # noqa: E402
 from wan22_blockswap.budget import ModelDims, estimate_activation_bytes, plan_auto_blocks  # noqa: E402
@@ -157,11 +158,8 @@ def file_masters_rows(model, inputs, settings, args, device, bandwidth, out: Pat
         model.blocks.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, assign=True)
     rows = []
     for when in ("cold", "warm"):
-        if when == "cold" and hasattr(os, "posix_fadvise"):
-            fd = os.open(path, os.O_RDONLY)
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
+        if when == "cold":
+            drop_page_cache(path)
         row = bg.measure_swap(model, inputs, replace(settings, host_memory="file", spill_dir=str(out)), args.forwards,
                               device, bandwidth=bandwidth)
         row["mode"] = f"(a) block swap, masters on file ({when})"
